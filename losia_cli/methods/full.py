@@ -1,0 +1,23 @@
+"""Full fine-tuning: every parameter trains with AdamW. The upper bound LoSiA is measured against."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from losia_cli.methods.base import Method, TrainContext
+
+
+class FullConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["full"] = "full"
+
+
+class FullMethod(Method):
+    name = "full"
+
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        model.requires_grad_(True)
+        return super().prepare(model, ctx)

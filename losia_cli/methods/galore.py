@@ -1,0 +1,86 @@
+"""GaLore through `galore-torch`: gradient low-rank projection inside the optimizer, nothing by hand.
+
+Every parameter trains. The 2-D weights of the target projections form one param group carrying
+GaLore's keys (`rank`, `update_proj_gap`, `scale`, `proj_type`); `galore_torch.GaLoreAdamW` projects
+their gradients to rank r, keeps its Adam moments in that space and projects the update back. All
+other parameters are a plain dense group of the same optimizer.
+
+The engine builds `torch.optim.AdamW(groups)` unless the method offers `make_optimizer`; plain AdamW
+would ignore the GaLore keys and silently run full fine-tuning, hence the hook.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from losia_cli.methods.base import Method, TrainContext
+from losia_cli.methods.peft_methods import LLAMA_PROJECTIONS
+
+
+class GaloreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["galore"] = "galore"
+    rank: int = Field(128, gt=0)
+    update_proj_gap: int = Field(200, gt=0)  # steps between SVDs of the gradient (projector refresh)
+    scale: float = 0.25  # the projected-back update is multiplied by this (GaLore's alpha)
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+
+
+class GaloreMethod(Method):
+    name = "galore"
+
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        model.requires_grad_(True)
+        return super().prepare(model, ctx)
+
+    def _is_target(self, module_name: str) -> bool:
+        return any(module_name == t or module_name.endswith("." + t) for t in self.cfg.target_modules)
+
+    def galore_params(self) -> list[nn.Parameter]:
+        return [
+            module.weight
+            for name, module in self.model.named_modules()
+            if self._is_target(name) and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+        ]
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        projected = self.galore_params()
+        if not projected:
+            raise ValueError(f"galore: no 2-D weight matches target_modules={self.cfg.target_modules}")
+        ids = {id(p) for p in projected}
+        dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        cfg = self.cfg
+        groups = [
+            {
+                "params": projected, "lr": lr, "weight_decay": weight_decay, "name": "galore",
+                "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
+                "proj_type": cfg.proj_type,
+            }
+        ]
+        if dense:
+            groups.append({"params": dense, "lr": lr, "weight_decay": weight_decay, "name": "dense"})
+        return groups
+
+    def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+
+    def describe(self) -> dict:
+        """Adam moments live in the projected space (r x the longer side) plus the r x shorter-side projector."""
+        info = super().describe()
+        projected = self.galore_params()
+        ids = {id(p) for p in projected}
+        dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        state = sum(2 * p.numel() * p.element_size() for p in dense)
+        for p in projected:
+            m, n = p.shape
+            r = min(self.cfg.rank, m, n)
+            state += (2 * max(m, n) * r + min(m, n) * r) * p.element_size()
+        info["optimizer_state_bytes"] = state
+        return info

@@ -1,0 +1,89 @@
+"""The LoSiA-Pro linear: full forward, compact weight gradient (method doc 6.2 and 12).
+
+Y = X W^T (+ b) is computed in full. Backward returns
+  grad_X   = G W                      (the full weight, so earlier layers get the exact signal),
+  grad_sub = G[:, R]^T X[:, C]        (|R| x |C|: p^2 of a dense weight-gradient GEMM),
+  grad_b   = sum of G over all token dimensions,
+and nothing for W, which is frozen. Only X[..., C] is kept between forward and backward, p of the
+activation the dense layer would keep.
+
+In scoring mode the full X is kept instead and the full G^T X is added into the scorer's fp32
+accumulator in backward (so the micro-batches of one optimizer step sum); grad_sub is computed as above.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc):
+    y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype
+    compute_dtype = y.dtype
+    if grad_acc is None:
+        # Indices are sorted and unique, so |C| = n means C = 0..n-1 (lm_head rows, p = 1): no copy.
+        keep = x if cols.numel() == x.shape[-1] else x.index_select(-1, cols)
+    else:
+        keep = x
+    # Keeping the activation in the compute dtype halves its memory under bf16 autocast.
+    ctx.save_for_backward(keep.to(compute_dtype), weight, rows, cols)
+    ctx.grad_acc = grad_acc
+    ctx.sub_dtype = sub.dtype
+    return y
+
+
+def _backward(ctx, grad_out):
+    kept, weight, rows, cols = ctx.saved_tensors
+    need_x, _, need_sub, _, _, need_bias, _ = ctx.needs_input_grad
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, m): every leading dim is a token dim
+    kept2 = kept.reshape(-1, kept.shape[-1])
+
+    grad_x = grad_sub = grad_bias = None
+    if need_x:
+        grad_x = torch.mm(g2, weight).view(*grad_out.shape[:-1], weight.shape[1])
+    if ctx.grad_acc is not None:
+        # The dense weight gradient, only for the scoring layer: straight into the accumulator.
+        if g2.dtype == ctx.grad_acc.dtype:
+            ctx.grad_acc.addmm_(g2.t(), kept2)
+        else:  # low-precision compute: the GEMM runs in that dtype, the sum stays fp32
+            ctx.grad_acc.add_(torch.mm(g2.t(), kept2))
+    if need_sub:
+        kept_cols = kept2 if ctx.grad_acc is None else kept2.index_select(1, cols)
+        grad_sub = torch.mm(g2.index_select(1, rows).t(), kept_cols).to(ctx.sub_dtype)
+    if need_bias:
+        grad_bias = g2.sum(0)
+    return grad_x, None, grad_sub, None, None, grad_bias, None
+
+
+@functools.cache
+def _function_for(device_type: str) -> type[torch.autograd.Function]:
+    """custom_fwd/custom_bwd take the autocast device type at decoration time, hence one class per device.
+
+    custom_bwd runs backward under the autocast state the forward saw, so its GEMMs use the same dtype.
+    """
+
+    class SubnetLinearFunction(torch.autograd.Function):
+        forward = staticmethod(torch.amp.custom_fwd(device_type=device_type)(_forward))
+        backward = staticmethod(torch.amp.custom_bwd(device_type=device_type)(_backward))
+
+    SubnetLinearFunction.__name__ = f"SubnetLinearFunction_{device_type}"
+    return SubnetLinearFunction
+
+
+def subnet_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    sub: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    grad_acc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose weight gradient lands only in `sub` (= weight[rows][:, cols]).
+
+    `weight` is (out, in) and must already hold `sub` at [rows, cols] (write-through); `sub` is only an
+    autograd handle here. With `grad_acc` (an fp32 (out, in) buffer) the layer is in scoring mode.
+    """
+    return _function_for(x.device.type).apply(x, weight, sub, rows, cols, bias, grad_acc)

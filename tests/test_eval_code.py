@@ -1,0 +1,97 @@
+import math
+import os
+import time
+
+import pytest
+
+from losia_cli.eval.code import build_program, humaneval_items, mbpp_item, pass_at_k, score_code
+from losia_cli.eval.sandbox import CodeExecutionNotAllowed, run_code
+
+
+def test_all_humaneval_canonical_solutions_pass():
+    items = humaneval_items()
+    assert len(items) == 164
+    result = score_code(items, [[item["target"]] for item in items], allow_code_exec=True, workers=4)
+    failed = [s["task_id"] for s in result["samples"] if not s["correct"]]
+    assert failed == [] and result["metrics"]["pass@1"] == 1.0
+
+
+def test_wrong_humaneval_solution_fails():
+    item = humaneval_items(1)[0]
+    result = score_code([item], [["    return False\n"]], allow_code_exec=True)
+    assert result["metrics"]["pass@1"] == 0.0 and result["samples"][0]["status"] == "failed"
+
+
+def test_mbpp_row():
+    row = {"task_id": 2, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
+           "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
+    item = mbpp_item(row)
+    result = score_code([item, item], [[row["code"]], ["def add(a, b):\n    return a - b"]], allow_code_exec=True)
+    assert [s["correct"] for s in result["samples"]] == [True, False]
+    assert "add(1, 2)" in item["prompt"] and build_program(item, "X").startswith("X")
+
+
+@pytest.mark.parametrize("program,status", [
+    ("while True:\n    pass", "timeout"),
+    ("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True:\n    pass", "timeout"),
+    ("x = bytearray(10**12)", "oom"),
+    ("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))", "oom"),
+    ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)", "error"),
+    ("import urllib.request\nurllib.request.urlopen('http://10.255.255.1/', timeout=2)", "error"),
+    ("import _socket\n_socket.socket().connect(('127.0.0.1', 9))", "error"),
+    ("raise SystemExit(3)", "error"),
+    ("assert 1 == 2", "failed"),
+])
+def test_bad_programs_fail_cleanly(program, status):
+    start = time.perf_counter()
+    result = run_code(program, allow_code_exec=True, timeout_s=3, memory_mb=256)
+    assert result.status == status and not result.passed
+    assert time.perf_counter() - start < 10
+
+
+def test_timeout_kills_process_group(tmp_path):
+    marker = tmp_path / "alive"
+    program = (f"import os, time\nif os.fork() == 0:\n    time.sleep(3)\n    open({str(marker)!r}, 'w').close()\n"
+               "    os._exit(0)\nwhile True:\n    pass")
+    assert run_code(program, allow_code_exec=True, timeout_s=1).status == "timeout"
+    time.sleep(3.5)
+    assert not marker.exists()  # the forked child died with the group
+
+
+def test_output_is_truncated_and_cwd_is_temporary():
+    result = run_code("import os\nprint(os.getcwd())\nprint('x' * 100000)", allow_code_exec=True,
+                      max_output_bytes=1000)
+    assert result.passed and "losia-sandbox-" in result.stdout and result.stdout.endswith("[truncated]")
+    assert os.getcwd() not in result.stdout.splitlines()[0]
+
+
+def test_refuses_without_allow_code_exec():
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=true"):
+        run_code("print(1)")
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=true"):
+        score_code(humaneval_items(1), [["    return True\n"]])
+
+
+@pytest.mark.parametrize("n,c,k,expected", [
+    (1, 1, 1, 1.0), (1, 0, 1, 0.0), (10, 3, 1, 0.3), (5, 2, 2, 1 - 3 / 10),  # C(3,2)/C(5,2) = 3/10
+    (10, 0, 5, 0.0), (10, 8, 5, 1.0), (20, 1, 10, 0.5), (4, 1, 3, 1 - 1 / 4), (4, 2, 3, 1.0),  # n - c < k -> 1
+    (6, 2, 3, 1 - 4 / 20),  # C(4,3)/C(6,3)
+])
+def test_pass_at_k(n, c, k, expected):
+    assert math.isclose(pass_at_k(n, c, k), expected)
+
+
+def test_pass_at_k_rejects_bad_input():
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_pass_at_k_in_score_code():
+    item = humaneval_items(1)[0]
+    good, bad = item["target"], "    return None\n"
+    result = score_code([item], [[good, bad, bad, bad]], allow_code_exec=True, ks=(1, 2, 10))
+    assert math.isclose(result["metrics"]["pass@1"], 0.25)
+    assert math.isclose(result["metrics"]["pass@2"], 1 - 3 / 6)
+    assert "pass@10" not in result["metrics"]

@@ -1,0 +1,114 @@
+"""Shared helpers of the LoSiA tests (tiny in-code models, a minimal training loop). No tests here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from losia_cli.methods.base import TrainContext, WarmupCosine
+from losia_cli.methods.losia import LosiaConfig, LosiaMethod
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to use. With tiny tensors, intra-op threads only add start-up cost and
+    suffer badly from a busy machine (a 15x slowdown seen on 2 shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma(layers: int = 2, seed: int = 0) -> Gemma3ForCausalLM:
+    """Gemma shapes: multi-query attention (1 KV head), tied embeddings, q/k norms."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+        sliding_window=16,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_qwen2(layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
+    """Qwen2 shapes: q/k/v projections with biases."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "gemma": tiny_gemma, "qwen2": tiny_qwen2}
+
+
+def make_ctx(total_steps: int = 50, warmup: int = 5, seed: int = 1, records: list | None = None, **kw):
+    log = records.append if records is not None else (lambda record: None)
+    schedule = WarmupCosine(total_steps, warmup, 0.1)
+    return TrainContext(schedule=schedule, total_steps=total_steps, seed=seed, log_subnet=log, **kw)
+
+
+def build(
+    model_fn=tiny_llama, total_steps: int = 50, records: list | None = None, ctx_kw: dict | None = None, **cfg
+):
+    """(model, method) with the method prepared; cfg goes to LosiaConfig (small T and p by default)."""
+    cfg.setdefault("period", 3)
+    cfg.setdefault("rank_factor", 0.25)
+    method = LosiaMethod(LosiaConfig(**cfg))
+    model = method.prepare(model_fn(), make_ctx(total_steps, records=records, **(ctx_kw or {})))
+    return model, method
+
+
+def make_optimizer(method: LosiaMethod, lr: float = 1e-2, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    optimizer = torch.optim.AdamW(method.param_groups(lr, weight_decay))
+    for group in optimizer.param_groups:
+        group["base_lr"] = lr
+    return optimizer
+
+
+def batch(step: int, micro: int, seq: int = 16, size: int = 2) -> torch.Tensor:
+    """Deterministic token ids per (step, micro-batch), so a resumed run sees the same data."""
+    generator = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randint(0, VOCAB, (size, seq), generator=generator)
+
+
+def train_step(model, method, optimizer, step: int, grad_accum: int = 1) -> float:
+    """One optimizer step through the Method interface, as the engine drives it."""
+    factors = method.lr_factors(step, len(optimizer.param_groups))
+    for group, factor in zip(optimizer.param_groups, factors):
+        group["lr"] = group["base_lr"] * factor
+    total = 0.0
+    for micro in range(grad_accum):
+        ids = batch(step, micro)
+        loss = model(input_ids=ids, labels=ids).loss / grad_accum
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.on_step(step, optimizer)
+    return total
+
+
+def train(model, method, optimizer, steps: range, grad_accum: int = 1) -> None:
+    for step in steps:
+        train_step(model, method, optimizer, step, grad_accum)
