@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import multiprocessing
-import platform
 import resource
 import statistics
 import sys
@@ -43,7 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from losia_cli.engine.records import device_name, versions
 from losia_cli.methods.base import Method, TrainContext, WarmupCosine
+from losia_cli.models import DTYPES
 
 METHODS = ["floor", "full", "lora", "dora", "pissa", "galore", "losia", "losia_pro"]
 
@@ -67,7 +68,6 @@ SHAPES: dict[str, tuple[str, dict]] = {
                                    rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
                                    rms_norm_eps=1e-5, max_position_embeddings=8192)),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR, BETAS, EPS = 1e-5, (0.9, 0.999), 1e-8
 
 
@@ -339,12 +339,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def run_bench(
     model: str | dict = "llama_h512_l4",
     methods: list[str] = ("floor", "full", "lora", "losia_pro"),
@@ -457,23 +451,12 @@ def run_bench(
                 out[f"memory_vs_{ref}"] = out["peak_memory_bytes"] / results[ref]["peak_memory_bytes"]
                 out[f"accounted_vs_{ref}"] = out["accounted_bytes"] / results[ref]["accounted_bytes"]
 
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
     return {
         "meta": {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
-            "device": _device_name(dev),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft_version,
-            "python": platform.python_version(),
+            "device": device_name(dev),
+            "versions": versions(),
             "peak_memory_metric": memory_key,
             "config": {k: v for k, v in spec.items()} | {"methods": methods, "interleave": interleave,
                                                             "lr": LR, "betas": list(BETAS), "eps": EPS},

@@ -46,11 +46,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from losia_cli.config import ConfigError
     from losia_cli.bench import BenchError
     from losia_cli.data import DataError
+    from losia_cli.eval.sandbox import CodeExecutionNotAllowed
     from losia_cli.merge import MergeError
     from losia_cli.models import ModelError
 
-    return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError, HydraException,
-            OmegaConfBaseException)
+    return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError,
+            CodeExecutionNotAllowed, HydraException, OmegaConfBaseException)
 
 
 # --- composition ----------------------------------------------------------------------------------
@@ -211,6 +212,35 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def parse_eval_config(words: list[str]):
+    from omegaconf import OmegaConf
+    from pydantic import ValidationError
+
+    from losia_cli.config import ConfigError, format_validation_error
+    from losia_cli.eval.command import EvalConfig
+
+    bad = [w for w in words if "=" not in w]
+    if bad:
+        raise UsageError(f"expected key=value, got {bad[0]!r}")
+    raw = OmegaConf.to_container(OmegaConf.from_dotlist(words))
+    if isinstance(raw.get("tasks"), str):
+        raw["tasks"] = [t for t in raw["tasks"].split(",") if t]
+    try:
+        return EvalConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def cmd_eval(args) -> int:
+    from losia_cli.eval.command import load_target, run_eval
+
+    cfg = parse_eval_config(args.options)
+    model, tokenizer, identity, out_dir = load_target(args.target)
+    baseline = load_target(args.baseline)[:2] if args.baseline else None
+    run_eval(model, tokenizer, cfg, args.out or out_dir, identity, console, baseline)
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -253,6 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace an existing --out dir")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a run, model dir or hub id on math / code / commonsense tasks",
+        epilog="examples:\n"
+               "  losia eval runs/demo tasks=[gsm8k@bundled:gsm8k_sample] limit=32\n"
+               "  losia eval package:smollm2-135m tasks=[humaneval] allow_code_exec=true\n"
+               "  losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m\n"
+               "tasks: TASK (default eval set: " + ", ".join(
+                   ["humaneval", "gsm8k", "mbpp", "boolq", "arc_e", "arc_c"]) + ") or TASK@SOURCE\n"
+               "options: tasks limit batch_size max_new_tokens num_samples temperature top_p "
+               "allow_code_exec timeout_s forgetting seed\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", help="run dir, model dir, .gguf, package:NAME or hub id")
+    p.add_argument("options", nargs="*", help="key=value options (see below)")
+    p.add_argument("--baseline", help="also evaluate this model; report per-task and forgetting deltas")
+    p.add_argument("--out", type=Path, help="output dir (default: RUN/eval or runs/eval-*/eval)")
+    p.set_defaults(func=cmd_eval)
 
     from losia_cli.bench import add_bench_arguments, bench_command
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from losia_cli.data.config import DataConfig
+from losia_cli.eval.command import EvalConfig
 from losia_cli.methods import MethodConfig
 from losia_cli.models import ModelConfig
 
@@ -73,9 +74,14 @@ class RunConfig(_Strict):
     train: TrainConfig
     run: RunSection = RunSection()
     dist: DistConfig = DistConfig()
+    eval: EvalConfig = EvalConfig()
 
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+
+def format_validation_error(e: ValidationError) -> str:
+    return "; ".join(_format_error(err) for err in e.errors())
 
 
 def _format_error(err: dict) -> str:
@@ -114,4 +120,4 @@ def validate(cfg: DictConfig | dict, notes: list[str] | None = None) -> RunConfi
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("; ".join(_format_error(err) for err in e.errors())) from None
+        raise ConfigError(format_validation_error(e)) from None

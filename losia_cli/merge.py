@@ -9,7 +9,6 @@ then renamed to `--out`: a failed or interrupted merge leaves nothing that looks
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from losia_cli.cli import load_config, main, recipe_names
-from losia_cli.config import ConfigError
 
 PAPER_RECIPES = {"gemma2b_math", "llama2_7b_math", "llama2_7b_code", "llama2_7b_commonsense"}
 OFFLINE_RECIPES = {"smollm2_135m_math", "gemma3_270m_math"}

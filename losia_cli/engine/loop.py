@@ -252,6 +252,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         }
         records.write_report(report)
         records.close()
+        if cfg.eval.after_train:
+            from losia_cli.eval.command import run_eval
+
+            run_eval(final, tokenizer, cfg.eval, run_dir / "eval", {"run_dir": str(run_dir)}, console)
         console.print(
             f"[green]done[/] {total_steps} steps, loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}, "
             f"p50 {report['step_time_s']['p50']:.2f} s/step -> {run_dir}"

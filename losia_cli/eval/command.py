@@ -1,0 +1,134 @@
+"""`losia eval`: load a run / model dir / hub id, evaluate tasks, write `eval/` and print a table.
+
+Rows come through the data pipeline (same sources and the same task templates as training), so
+the eval prompt of a task is by construction the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+# Default evaluation split of each task whose standard benchmark is public on the hub.
+# Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
+DEFAULT_SOURCES = {
+    "humaneval": ("package:humaneval", None, "test"),
+    "gsm8k": ("hub:openai/gsm8k", "main", "test"),
+    "mbpp": ("hub:google-research-datasets/mbpp", "full", "test"),
+    "boolq": ("hub:google/boolq", None, "validation"),
+    "arc_e": ("hub:allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_c": ("hub:allenai/ai2_arc", "ARC-Challenge", "test"),
+}
+
+
+class EvalConfig(BaseModel):
+    """Options of `losia eval` (also the `eval:` section of a training recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = []  # TASK or TASK@SOURCE (a data source as in `data.source`)
+    limit: int | None = Field(None, gt=0)  # first N rows per task
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    num_samples: int = Field(1, gt=0)  # > 1: sample (temperature/top_p) and report pass@k
+    temperature: float = 0.8
+    top_p: float = 0.95
+    allow_code_exec: bool = False  # code tasks run model-written programs (sandboxed)
+    timeout_s: float = Field(10.0, gt=0)
+    forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
+    after_train: bool = False  # run these tasks at the end of `losia train`
+    seed: int = 0
+
+
+def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
+    """(task name, rows) for TASK or TASK@SOURCE, loaded through the data pipeline."""
+    from losia_cli.data import DataConfig, DataError, get_task
+    from losia_cli.data.sources import Source, prepare_rows
+
+    name, _, source = spec.partition("@")
+    task = get_task(name)
+    if source:
+        cfg = DataConfig(task=name, source=source, split="test" if source.startswith("hub:") else "train")
+    elif name in DEFAULT_SOURCES:
+        hub_source, hub_config, split = DEFAULT_SOURCES[name]
+        cfg = DataConfig(task=name, source=hub_source, hub_config=hub_config, split=split)
+    else:
+        raise DataError(f"task {name!r} has no default eval set; give one as {name}@SOURCE "
+                        f"(e.g. {name}@bundled:{name}_sample or {name}@/path/to/test.jsonl)")
+    rows = prepare_rows(cfg, Source(cfg), task.fields, task.path)
+    rows = [rows[i] for i in range(len(rows) if limit is None else min(limit, len(rows)))]
+    if not rows:
+        raise DataError(f"task {name}: {cfg.source} has no rows")
+    return name, rows
+
+
+def load_target(target: str):
+    """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
+    from losia_cli.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+
+    path = Path(target)
+    if (path / "config.yaml").is_file() and (path / "final").exists():
+        from losia_cli.merge import build_merged
+
+        model, tokenizer, _ = build_merged(path)  # folds PEFT adapters; LoSiA/full load as is
+        return model, tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
+    cfg = ModelConfig(name_or_path=target)
+    resolved = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(resolved)
+    model = load_model(cfg, resolved)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    slug = target.rstrip("/").replace("/", "_").replace(":", "_")
+    return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{stamp}" / "eval"
+
+
+def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, console: Console,
+             baseline: tuple | None = None) -> dict:
+    from losia_cli.eval.forgetting import general_text_loss
+    from losia_cli.eval.results import model_identity, results_table, write_results
+    from losia_cli.eval.runner import evaluate
+
+    if not cfg.tasks and not cfg.forgetting:
+        raise ValueError("nothing to evaluate: give tasks=[...] or forgetting=true")
+    task_rows = [load_rows(spec, cfg.limit) for spec in cfg.tasks]  # fail on bad data before scoring
+    options = dict(
+        allow_code_exec=cfg.allow_code_exec, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+        num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+        timeout_s=cfg.timeout_s, seed=cfg.seed,
+    )
+    model.eval()
+    results: dict[str, dict] = {}
+    for name, rows in task_rows:
+        started = time.perf_counter()
+        with torch.no_grad():
+            results[name] = evaluate(model, tokenizer, name, rows, **options)
+        results[name]["wall_s"] = time.perf_counter() - started
+        if baseline is not None:
+            base = evaluate(baseline[0], baseline[1], name, rows, **options)
+            results[name]["baseline_metrics"] = base["metrics"]
+            results[name]["delta_vs_baseline"] = {
+                k: v - base["metrics"][k] for k, v in results[name]["metrics"].items()
+            }
+    summary = {}
+    if cfg.forgetting:
+        after = general_text_loss(model, tokenizer)
+        summary["general_text_loss"] = after
+        if baseline is not None:
+            before = general_text_loss(baseline[0], baseline[1])
+            summary["general_text_loss_baseline"] = before
+            summary["forgetting_delta"] = after["loss"] - before["loss"]  # > 0: the model forgot
+    write_results(out_dir, results, model={**model_identity(model), **identity},
+                  config={**cfg.model_dump(), **summary})
+    if results:
+        console.print(results_table(results))
+    if "forgetting_delta" in summary:
+        console.print(f"general-text loss {summary['general_text_loss']['loss']:.4f} "
+                      f"(baseline {summary['general_text_loss_baseline']['loss']:.4f}, "
+                      f"forgetting delta {summary['forgetting_delta']:+.4f})")
+    elif "general_text_loss" in summary:
+        console.print(f"general-text loss {summary['general_text_loss']['loss']:.4f}")
+    console.print(f"results -> {out_dir / 'results.json'}")
+    return {"tasks": results, **summary}

@@ -1,0 +1,67 @@
+"""`losia eval` from the command line, and `eval.after_train` at the end of `losia train`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from losia_cli.cli import main
+from losia_cli.engine.loop import train
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_writes_results_and_samples(capsys, tiny_llama_dir, tmp_path):
+    code, out, err = run(
+        capsys, "eval", str(tiny_llama_dir), "tasks=[gsm8k@bundled:gsm8k_sample,boolq@bundled:boolq_sample]",
+        "limit=3", "max_new_tokens=4", "--baseline", str(tiny_llama_dir), "--out", str(tmp_path / "ev"),
+    )
+    assert code == 0, err
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results["tasks"]) == {"gsm8k", "boolq"}
+    assert results["tasks"]["gsm8k"]["n"] == 3 and "exact_match" in results["tasks"]["gsm8k"]["metrics"]
+    assert {"acc", "acc_norm"} <= results["tasks"]["boolq"]["metrics"].keys()
+    # Same model as its own baseline: every delta, and the forgetting delta, is exactly zero.
+    assert all(d == 0 for d in results["tasks"]["boolq"]["delta_vs_baseline"].values())
+    assert results["config"]["forgetting_delta"] == 0
+    samples = (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) >= 3 and "Δ" in out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["tasks=[nope]"], "nope"),
+        (["tasks=[gsm8k@/no/such.jsonl]"], "/no/such.jsonl"),
+        (["tasks=[humaneval]"], "allow_code_exec=true"),
+        (["limit=zero"], "limit"),
+    ],
+)
+def test_eval_bad_input(capsys, tiny_llama_dir, tmp_path, options, message):
+    code, _, err = run(capsys, "eval", str(tiny_llama_dir), *options, "--out", str(tmp_path / "ev"))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_model_dir_without_tokenizer_is_refused(capsys, tiny_llama_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    code, _, err = run(capsys, "eval", str(bare), "tasks=[boolq@bundled:boolq_sample]")
+    assert code == 2 and "tokenizer" in err
+
+
+def test_eval_after_train(tiny_config):
+    run_dir = train(tiny_config(
+        "evald", "method=losia_pro", "method.period=1", "train.max_steps=2", "eval.after_train=true",
+        "eval.tasks=[boolq@bundled:boolq_sample]", "eval.limit=2",
+    ))
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["tasks"]["boolq"]["n"] == 2
+    assert results["model"]["run_dir"] == str(run_dir)
