@@ -144,9 +144,16 @@ def _multirun(args) -> int:
             )
         train(run_cfg, console=console)
 
+    def task_reporting_user_errors(cfg) -> None:
+        try:
+            task(cfg)
+        except _user_errors() as e:  # one line, as outside sweeps; Hydra would print a traceback
+            err_console.print("[bold red]error:[/]", escape(str(e)))
+            raise SystemExit(2) from None
+
     root = (args.recipes or recipes_dir()).resolve()
     sys.argv = ["losia", "-m", *args.overrides]
-    hydra.main(config_path=str(root), config_name="config", version_base=None)(task)()
+    hydra.main(config_path=str(root), config_name="config", version_base=None)(task_reporting_user_errors)()
     return 0
 
 
@@ -320,6 +327,7 @@ def _quiet_libraries(debug: bool) -> None:
     """losia prints its own progress; library progress bars and info logs only add noise."""
     if debug:
         return
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: before transformers
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

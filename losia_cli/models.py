@@ -8,9 +8,12 @@ plain HF dir under the losia cache. Later runs load that dir directly (about a s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,7 +87,10 @@ def _convert_gguf(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
         return out
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    print(f"converting {gguf.name} to a cached Hugging Face dir (once, ~20 s): {out}", file=sys.stderr)
+    # transformers draws its own de-quantization progress bar; the line above says it instead.
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

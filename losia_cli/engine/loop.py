@@ -91,10 +91,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         raise ConfigError("train.device=cuda but no CUDA device is visible")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    accelerator = Accelerator(
-        cpu=tc.device == "cpu" or not torch.cuda.is_available(),
-        mixed_precision="bf16" if tc.precision == "bf16" else "no",
-    )
+    # Autocast is ours (below), not Accelerator(mixed_precision=...): accelerate's state is a
+    # process-wide singleton that refuses a second run with another precision (sweeps, tests).
+    accelerator = Accelerator(cpu=tc.device == "cpu" or not torch.cuda.is_available())
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg = name_run(cfg)
@@ -186,7 +185,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
                 loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
                 # DDP averages gradients over ranks; scale so the result is the global token mean.
                 accelerator.backward(loss * world / max(step_targets, 1))
@@ -233,7 +232,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     if main:
         final = method.export(accelerator.unwrap_model(model))
         with atomic.directory(run_dir / "final", overwrite=True) as tmp:
-            final.save_pretrained(tmp)
+            method.save(final, tmp)
             tokenizer.save_pretrained(tmp)
         # The first step pays one-off warm-up costs (allocator, kernels); leave it out of timings.
         times, tokens = history["step_time_s"][1:] or history["step_time_s"], history["tokens"][1:] or history["tokens"]

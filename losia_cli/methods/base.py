@@ -106,6 +106,10 @@ class Method:
         """The model `final/` is written from with save_pretrained (a plain HF model for full FT)."""
         return model
 
+    def save(self, exported: nn.Module, path) -> None:
+        """Write `final/` from what export() returned."""
+        exported.save_pretrained(path)
+
     def describe(self) -> dict:
         """Trainable parameter count and the bytes of AdamW state they imply (two moments each)."""
         params = [p for g in self.param_groups(0.0, 0.0) for p in g["params"]]

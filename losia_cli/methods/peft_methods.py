@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -49,4 +51,19 @@ class PeftMethod(Method):
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         from peft import get_peft_model
 
-        return super().prepare(get_peft_model(model, self.peft_config()), ctx)
+        model = get_peft_model(model, self.peft_config())
+        if self.cfg.name == "pissa":
+            # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
+            # original base, keep the initial adapter; peft converts the trained one against it.
+            self.pissa_init = tempfile.mkdtemp(prefix="losia-pissa-init-")
+            config = model.peft_config["default"]
+            init, config.init_lora_weights = config.init_lora_weights, True
+            model.save_pretrained(self.pissa_init)
+            config.init_lora_weights = init
+        return super().prepare(model, ctx)
+
+    def save(self, exported: nn.Module, path) -> None:
+        if self.cfg.name != "pissa":
+            return super().save(exported, path)
+        exported.save_pretrained(path, path_initial_model_for_weight_conversion=self.pissa_init)
+        shutil.rmtree(self.pissa_init, ignore_errors=True)
