@@ -248,6 +248,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from losia_cli.compare import compare
+
+    methods, overrides = ["losia_pro", "lora", "full"], []
+    for word in args.overrides:
+        if word.startswith("methods="):
+            methods = [m.strip() for m in word.split("=", 1)[1].strip("[]").split(",") if m.strip()]
+        else:
+            overrides.append(word)
+    compare(methods, overrides, console, args.recipes)
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -308,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="also evaluate this model; report per-task and forgetting deltas")
     p.add_argument("--out", type=Path, help="output dir (default: RUN/eval or runs/eval-*/eval)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare", help="train several methods on the same recipe, evaluate, one table",
+        epilog="examples:\n"
+               "  losia compare methods=[losia_pro,lora,full] train.max_steps=20 "
+               "eval.tasks=[gsm8k@bundled:gsm8k_sample] eval.limit=16\n"
+               "  losia compare recipe=llama2_7b_math methods=[losia_pro,lora] eval.tasks=[gsm8k]\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", help="methods=[a,b,...] and recipe key=value overrides")
+    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
+    p.set_defaults(func=cmd_compare)
 
     from losia_cli.bench import add_bench_arguments, bench_command
 

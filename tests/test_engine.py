@@ -124,3 +124,19 @@ def test_multirun_sweeps_methods(tiny_llama_dir, tmp_path, capsys):
     assert code == 0
     reports = [json.loads(p.read_text()) for p in tmp_path.glob("*/report.json")]
     assert sorted(r["method"] for r in reports) == ["full", "lora"]
+
+
+def test_compare_trains_evaluates_and_tabulates(tiny_llama_dir, tmp_path, capsys):
+    from losia_cli.cli import main
+
+    code = main([
+        "compare", "methods=[losia_pro,lora]", f"model.name_or_path={tiny_llama_dir}", "data.max_length=64",
+        "train.max_steps=2", f"run.output_dir={tmp_path}", "eval.tasks=[boolq@bundled:boolq_sample]",
+        "eval.limit=2",
+    ])
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("compare-*/compare.json")).read_text())
+    assert [row["method"] for row in result["methods"]] == ["losia_pro", "lora"]
+    assert all("acc" in row["tasks"]["boolq"] for row in result["methods"])
+    assert all(isinstance(row["forgetting_delta"], float) for row in result["methods"])
+    assert "comparison ->" in capsys.readouterr().out
