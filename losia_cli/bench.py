@@ -131,17 +131,13 @@ def make_method(name: str, lora_rank: int, rank_factor: float | None, period: in
 
         cfg = PeftMethodConfig(name=name, rank=lora_rank)
     elif name == "galore":
-        from losia_cli.methods.galore import GaloreConfig, GaloreMethod
+        from losia_cli.methods.galore import GaloreConfig
 
         cfg = GaloreConfig(rank=lora_rank)
         try:
             import galore_torch  # noqa: F401
         except ImportError:
             raise BenchError("method galore needs the package galore-torch: pip install galore-torch") from None
-        try:
-            return build_method(cfg)
-        except KeyError:  # not (yet) in the registry
-            return GaloreMethod(cfg)
     elif name in ("losia", "losia_pro"):
         from losia_cli.methods.losia import LosiaConfig
 
