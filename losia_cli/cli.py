@@ -262,7 +262,39 @@ def cmd_compare(args) -> int:
 
 
 # --- entry point ----------------------------------------------------------------------------------
+MERGE_EXAMPLES = """\
+examples:
+  losia merge runs/demo --out merged/
+  losia merge runs/lora-run --out merged-bf16/ --dtype bf16 --shard-size 2GB --force
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  losia eval runs/demo tasks=[gsm8k@bundled:gsm8k_sample] limit=32
+  losia eval package:smollm2-135m tasks=[humaneval] allow_code_exec=true
+  losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m
+tasks: TASK (with a default eval set: {defaults}) or TASK@SOURCE (any data.source)
+options: tasks limit batch_size max_new_tokens num_samples temperature top_p allow_code_exec
+         timeout_s forgetting seed
+"""
+
+COMPARE_EXAMPLES = """\
+examples:
+  losia compare methods=[losia_pro,lora,full] train.max_steps=20 eval.tasks=[gsm8k@bundled:gsm8k_sample]
+  losia compare recipe=llama2_7b_math methods=[losia_pro,lora] eval.tasks=[gsm8k]
+"""
+
+BENCH_EXAMPLES = """\
+examples:
+  losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256
+  losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 dtype=bf16 device=cuda --no-interleave
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from losia_cli.bench import add_bench_arguments, bench_command
+    from losia_cli.eval.command import DEFAULT_SOURCES
+
     parser = argparse.ArgumentParser(
         prog="losia",
         description="Fine-tune LLMs with LoSiA / LoSiA-Pro and the paper's baselines, from YAML recipes.",
@@ -272,79 +304,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser(
-        "train", help="train a recipe (Hydra overrides: key=value)", epilog=TRAIN_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    def command(name: str, help: str, examples: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    recipes_option = dict(type=Path, help="use this recipe tree instead of the bundled one")
+
+    p = command("train", "train a recipe (Hydra overrides: key=value)", TRAIN_EXAMPLES, cmd_train)
     p.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep over comma-separated values")
-    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--recipes", **recipes_option)
 
-    p = sub.add_parser(
-        "recipes", help="list, show, copy or validate recipes", epilog=RECIPES_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("recipes", "list, show, copy or validate recipes", RECIPES_EXAMPLES, cmd_recipes)
     p.add_argument("action", choices=["ls", "cat", "cp", "validate"])
     p.add_argument("name", nargs="?")
     p.add_argument("rest", nargs="*", help="cp: DEST; validate/cat: key=value overrides")
-    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
-    p.set_defaults(func=cmd_recipes)
+    p.add_argument("--recipes", **recipes_option)
 
-    p = sub.add_parser(
-        "merge", help="export a run as a plain Hugging Face model dir (verified)",
-        epilog="examples:\n  losia merge runs/demo --out merged/\n"
-               "  losia merge runs/lora-run --out merged-bf16/ --dtype bf16 --shard-size 2GB --force\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("merge", "export a run as a plain Hugging Face model dir (verified)", MERGE_EXAMPLES, cmd_merge)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace an existing --out dir")
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser(
-        "eval", help="evaluate a run, model dir or hub id on math / code / commonsense tasks",
-        epilog="examples:\n"
-               "  losia eval runs/demo tasks=[gsm8k@bundled:gsm8k_sample] limit=32\n"
-               "  losia eval package:smollm2-135m tasks=[humaneval] allow_code_exec=true\n"
-               "  losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m\n"
-               "tasks: TASK (default eval set: " + ", ".join(
-                   ["humaneval", "gsm8k", "mbpp", "boolq", "arc_e", "arc_c"]) + ") or TASK@SOURCE\n"
-               "options: tasks limit batch_size max_new_tokens num_samples temperature top_p "
-               "allow_code_exec timeout_s forgetting seed\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("eval", "evaluate a run, model dir or hub id on math / code / commonsense tasks",
+                EVAL_EXAMPLES.format(defaults=", ".join(DEFAULT_SOURCES)), cmd_eval)
     p.add_argument("target", help="run dir, model dir, .gguf, package:NAME or hub id")
     p.add_argument("options", nargs="*", help="key=value options (see below)")
     p.add_argument("--baseline", help="also evaluate this model; report per-task and forgetting deltas")
     p.add_argument("--out", type=Path, help="output dir (default: RUN/eval or runs/eval-*/eval)")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "compare", help="train several methods on the same recipe, evaluate, one table",
-        epilog="examples:\n"
-               "  losia compare methods=[losia_pro,lora,full] train.max_steps=20 "
-               "eval.tasks=[gsm8k@bundled:gsm8k_sample] eval.limit=16\n"
-               "  losia compare recipe=llama2_7b_math methods=[losia_pro,lora] eval.tasks=[gsm8k]\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("compare", "train several methods on the same recipe, evaluate, one table",
+                COMPARE_EXAMPLES, cmd_compare)
     p.add_argument("overrides", nargs="*", help="methods=[a,b,...] and recipe key=value overrides")
-    p.add_argument("--recipes", type=Path, help="use this recipe tree instead of the bundled one")
-    p.set_defaults(func=cmd_compare)
+    p.add_argument("--recipes", **recipes_option)
 
-    from losia_cli.bench import add_bench_arguments, bench_command
-
-    p = sub.add_parser(
-        "bench", help="step latency / memory of methods side by side, in one process",
-        epilog="examples:\n  losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256\n"
-               "  losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 "
-               "dtype=bf16 device=cuda --no-interleave\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command("bench", "step latency / memory of methods side by side, in one process",
+                BENCH_EXAMPLES, bench_command)
     add_bench_arguments(p)
-    p.set_defaults(func=bench_command)
     return parser
 
 
