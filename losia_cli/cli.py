@@ -275,7 +275,7 @@ examples:
   losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m
 tasks: TASK (with a default eval set: {defaults}) or TASK@SOURCE (any data.source)
 options: tasks limit batch_size max_new_tokens num_samples temperature top_p allow_code_exec
-         timeout_s forgetting seed
+         chat timeout_s forgetting seed
 """
 
 COMPARE_EXAMPLES = """\

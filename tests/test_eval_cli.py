@@ -65,3 +65,15 @@ def test_eval_after_train(tiny_config):
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert results["tasks"]["boolq"]["n"] == 2
     assert results["model"]["run_dir"] == str(run_dir)
+
+
+def test_code_eval_through_the_chat_template(capsys, tiny_llama_dir, tmp_path):
+    code, _, err = run(
+        capsys, "eval", str(tiny_llama_dir), "tasks=[humaneval]", "allow_code_exec=true", "chat=true",
+        "limit=2", "max_new_tokens=4", "forgetting=false", "--out", str(tmp_path / "ev"),
+    )
+    assert code == 0, err
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())["tasks"]["humaneval"]
+    assert result["config"]["chat"] is True and result["n"] == 2 and "pass@1" in result["metrics"]
+    samples = [json.loads(line) for line in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["output"].startswith("from typing import List") or "def " in s["output"] for s in samples)

@@ -95,3 +95,17 @@ def test_pass_at_k_in_score_code():
     assert math.isclose(result["metrics"]["pass@1"], 0.25)
     assert math.isclose(result["metrics"]["pass@2"], 1 - 3 / 6)
     assert "pass@10" not in result["metrics"]
+
+
+def test_code_from_chat_reply_takes_the_fenced_block_and_keeps_the_signature():
+    from losia_cli.eval.code import code_from_reply
+
+    item = {"prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "entry_point": "add",
+            "tests": "def check(f):\n    assert f(2, 3) == 5\n"}
+    whole = code_from_reply(item, "Sure!\n```python\ndef add(a, b):\n    return a + b\n```\nDone.")
+    assert whole == "def add(a, b):\n    return a + b\n"
+    body_only = code_from_reply(item, "```python\n    return a + b\n```")
+    assert body_only.startswith(item["prompt"])
+    for code in (whole, body_only):
+        result = run_code(build_program({**item, "completion_only": True}, code), allow_code_exec=True)
+        assert result.passed, result.stderr

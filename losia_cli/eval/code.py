@@ -4,6 +4,7 @@ through the sandbox from a small worker pool, pass@1 and the unbiased pass@k est
 from __future__ import annotations
 
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from losia_cli.eval.results import mean_stderr
@@ -45,6 +46,27 @@ def mbpp_item(row: dict) -> dict:
              f"Your code should pass these tests:\n\n{tests}\n"
     return {"kind": "code", "task_id": row.get("task_id"), "prompt": prompt, "target": row["code"],
             "tests": f"{setup}\n{tests}\n", "entry_point": None, "completion_only": True}
+
+
+CHAT_INSTRUCTION = "Complete the following Python code. Reply with the whole code in one ```python block.\n\n"
+_FENCED = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", re.S)
+
+
+def chat_prompt(tokenizer, item: dict) -> str:
+    """The code task as one user turn of the tokenizer's chat template (for instruct models)."""
+    messages = [{"role": "user", "content": CHAT_INSTRUCTION + item["prompt"]}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def code_from_reply(item: dict, reply: str) -> str:
+    """A whole program from a chat reply: the first fenced block (or the reply), with the task's
+    prompt in front when the reply does not define the entry point itself."""
+    match = _FENCED.search(reply)
+    code = match.group(1) if match else reply
+    entry = item.get("entry_point")
+    if entry and f"def {entry}" not in code:
+        code = item["prompt"] + code
+    return code
 
 
 def build_program(item: dict, completion: str) -> str:

@@ -38,6 +38,7 @@ class EvalConfig(BaseModel):
     temperature: float = 0.8
     top_p: float = 0.95
     allow_code_exec: bool = False  # code tasks run model-written programs (sandboxed)
+    chat: bool = False  # code tasks: prompt through the chat template, run the reply's code block
     timeout_s: float = Field(10.0, gt=0)
     forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
     after_train: bool = False  # run these tasks at the end of `losia train`
@@ -97,7 +98,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
     options = dict(
         allow_code_exec=cfg.allow_code_exec, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
         num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-        timeout_s=cfg.timeout_s, seed=cfg.seed,
+        timeout_s=cfg.timeout_s, seed=cfg.seed, chat=cfg.chat,
     )
     model.eval()
     results: dict[str, dict] = {}

@@ -4,7 +4,7 @@ provides it), then score them by kind: generate (answer extraction), multiple_ch
 
 from __future__ import annotations
 
-from losia_cli.eval.code import HUMANEVAL_STOP, humaneval_items, score_code
+from losia_cli.eval.code import HUMANEVAL_STOP, chat_prompt, code_from_reply, humaneval_items, score_code
 from losia_cli.eval.extract import answers_match, extract_answer
 from losia_cli.eval.generate import generate_samples
 from losia_cli.eval.loglik import score_multiple_choice
@@ -34,10 +34,11 @@ def evaluate(model, tokenizer, task_name: str, rows: list[dict] | None = None, *
              allow_code_exec: bool = False, max_new_tokens: int = 256, batch_size: int = 16,
              num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95,
              ks: tuple[int, ...] = (1, 10, 100), stop: list[str] | None = None, workers: int = 4,
-             timeout_s: float = 10.0, limit: int | None = None, seed: int = 0) -> dict:
+             timeout_s: float = 10.0, limit: int | None = None, seed: int = 0, chat: bool = False) -> dict:
     """Score `model` on `rows` of `task_name`. Returns {task, kind, metrics, stderr, n, config,
     samples}; metrics: exact_match (generate), acc/acc_norm (multiple_choice), pass@k (code).
-    num_samples > 1 samples (temperature, top_p) instead of greedy decoding."""
+    num_samples > 1 samples (temperature, top_p) instead of greedy decoding. chat=True (code tasks)
+    asks an instruct model through its chat template and runs the code block of its reply."""
     items = render_items(task_name, rows, tokenizer)[:limit]
     if not items:
         raise ValueError(f"task {task_name}: no rows to evaluate")
@@ -54,14 +55,20 @@ def evaluate(model, tokenizer, task_name: str, rows: list[dict] | None = None, *
         result = score_multiple_choice(model, tokenizer, items, batch_size=batch_size)
         config = {"batch_size": batch_size, "limit": limit}
     else:
+        chat = chat and kind == "code"
         if stop is None:
-            stop = list(HUMANEVAL_STOP) if kind == "code" and not items[0].get("completion_only") else []
-        config["stop"] = stop
+            raw_completion = kind == "code" and not chat and not items[0].get("completion_only")
+            stop = list(HUMANEVAL_STOP) if raw_completion else []
+        config.update(stop=stop, chat=chat)
+        prompts = [chat_prompt(tokenizer, item) if chat else item["prompt"] for item in items]
         outputs = generate_samples(
-            model, tokenizer, [item["prompt"] for item in items], num_samples=num_samples,
+            model, tokenizer, prompts, num_samples=num_samples,
             max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, do_sample=num_samples > 1,
             temperature=temperature, top_p=top_p, seed=seed,
         )
+        if chat:
+            outputs = [[code_from_reply(item, reply) for reply in replies] for item, replies in zip(items, outputs)]
+            items = [{**item, "completion_only": True} for item in items]
         if kind == "code":
             result = score_code(items, outputs, allow_code_exec=True, ks=ks, workers=workers, timeout_s=timeout_s)
         else:
