@@ -6,17 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_losia_support import VOCAB, tiny_llama
 
 from losia_cli.methods import TrainContext, WarmupCosine
 from losia_cli.methods.peft_methods import PeftMethod, PeftMethodConfig
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(config)
 
 
 @pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
@@ -24,7 +17,7 @@ def test_saved_adapter_on_the_original_base_matches_training(name, tmp_path):
     method = PeftMethod(PeftMethodConfig(name=name, rank=4, pissa_niter=None))
     model = method.prepare(tiny_llama(), TrainContext(schedule=WarmupCosine(3), total_steps=3))
     optimizer = torch.optim.AdamW(method.param_groups(1e-2, 0.0)[0]["params"], lr=1e-2)
-    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()

@@ -30,17 +30,14 @@ def pack_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     Transformers then builds a block-diagonal causal mask from the position_ids (sdpa/eager) or
     uses varlen kernels (flash-attention). A short row's padding restarts at position 0: it is a
     separate block that no sample attends to and that carries no loss."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    batch = pad_batch(examples, pad_id)
+    width = batch.pop("attention_mask").shape[1]
     position_ids = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
         position_ids[row, :n] = torch.tensor(e["position_ids"])
         position_ids[row, n:] = torch.arange(width - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {**batch, "position_ids": position_ids}
 
 
 def make_collator(cfg: DataConfig, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
