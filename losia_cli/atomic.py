@@ -21,11 +21,16 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def temp_dir_for(final: Path) -> Path:
+    """Where `directory(final)` builds its content (other processes may write into it too)."""
+    return Path(final).with_name(f".{Path(final).name}.tmp")
+
+
 @contextlib.contextmanager
 def directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `final`; rename it into place only if the block succeeds."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = temp_dir_for(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -49,9 +50,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from losia_cli.eval.sandbox import CodeExecutionNotAllowed
     from losia_cli.merge import MergeError
     from losia_cli.models import ModelError
+    from losia_cli.report import ReportError
+    from losia_cli.slurm import SlurmError
 
-    return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError,
-            CodeExecutionNotAllowed, HydraException, OmegaConfBaseException)
+    return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError, ReportError,
+            SlurmError, CodeExecutionNotAllowed, HydraException, OmegaConfBaseException)
 
 
 # --- composition ----------------------------------------------------------------------------------
@@ -112,49 +115,80 @@ def load_config(overrides: list[str], root: Path | None = None):
 
 # --- commands -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from losia_cli.engine.loop import train
+    from losia_cli.engine.loop import name_run, train
+    from losia_cli.launch import needs_launch, relaunch
 
     if args.multirun:
         return _multirun(args)
     cfg = load_config(args.overrides, args.recipes)
+    if cfg.stages:  # continual learning: one run per stage, see losia_cli/continual.py
+        from losia_cli.continual import run_continual
+        run_continual(cfg, console)
+        return 0
+    if needs_launch(cfg):
+        return relaunch(name_run(cfg), args.overrides, args.recipes)
     train(cfg, console=console)
     return 0
 
 
 def _multirun(args) -> int:
     """Sweeps go through Hydra's own launcher machinery (basic, or submitit for Slurm)."""
+    from datetime import datetime
+
     import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
-    from losia_cli.config import validate
-    from losia_cli.engine.loop import train
+    root = (args.recipes or recipes_dir()).resolve()
+    sys.argv = ["losia", "-m", *args.overrides]
+    # The stamp is taken once, here: a sweep job that submitit requeues (it pickles the task) gets
+    # the same run name again and, with run.resume=auto, continues its own run dir.
+    task = _SweepJob(datetime.now().strftime("%Y%m%d-%H%M%S"), args.recipes)
+    hydra.main(config_path=str(root), config_name="config", version_base=None)(task)()
+    return 0
 
-    def task(cfg) -> None:
+
+class _SweepJob:
+    """One job of a sweep. A module-level class, not a closure: submitit pickles it for each job,
+    and a closure would drag this module's consoles (locks) along."""
+
+    def __init__(self, stamp: str, recipes: Path | None):
+        self.stamp, self.recipes = stamp, recipes
+
+    def __call__(self, cfg) -> None:
+        try:
+            self.run(cfg)
+        except _user_errors() as e:  # one line, as outside sweeps; Hydra would print a traceback
+            err_console.print("[bold red]error:[/]", escape(str(e)))
+            raise SystemExit(2) from None
+
+    def run(self, cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from losia_cli.config import validate
+        from losia_cli.engine.loop import train
+        from losia_cli.launch import needs_launch, relaunch
+
         hc = HydraConfig.get()
         raw = OmegaConf.to_container(cfg, resolve=True)
         raw["recipe"] = hc.runtime.choices.get("recipe")
         run_cfg = validate(raw, [])
         if not run_cfg.run.name:
-            from losia_cli.engine.loop import name_run
-
-            named = name_run(run_cfg)
-            run_cfg = named.model_copy(
-                update={"run": named.run.model_copy(update={"name": f"{named.run.name}-{hc.job.num}"})}
+            name = f"{run_cfg.recipe or 'run'}-{run_cfg.method.name}-{self.stamp}-{hc.job.num}"
+            run_cfg = run_cfg.model_copy(
+                update={"run": run_cfg.run.model_copy(update={"name": name, "resume": run_cfg.run.resume or "auto"})}
             )
-        train(run_cfg, console=console)
-
-    def task_reporting_user_errors(cfg) -> None:
-        try:
-            task(cfg)
-        except _user_errors() as e:  # one line, as outside sweeps; Hydra would print a traceback
-            err_console.print("[bold red]error:[/]", escape(str(e)))
-            raise SystemExit(2) from None
-
-    root = (args.recipes or recipes_dir()).resolve()
-    sys.argv = ["losia", "-m", *args.overrides]
-    hydra.main(config_path=str(root), config_name="config", version_base=None)(task_reporting_user_errors)()
-    return 0
+        if run_cfg.stages:
+            from losia_cli.continual import run_continual
+            run_continual(run_cfg, console)
+        elif needs_launch(run_cfg):
+            overrides = list(hc.overrides.task)
+            if run_cfg.run.resume and not any(o.startswith("run.resume=") for o in overrides):
+                overrides.append(f"run.resume={run_cfg.run.resume}")
+            code = relaunch(run_cfg, overrides, self.recipes)
+            if code:
+                raise SystemExit(code)
+        else:
+            train(run_cfg, console=console)
 
 
 def cmd_recipes(args) -> int:
@@ -248,6 +282,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from losia_cli.report import build_report
+
+    page = build_report(args.run_dirs, args.out)
+    console.print(f"[green]report[/] -> {page} (open it in a browser; PNGs beside it)")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from losia_cli.compare import compare
 
@@ -258,6 +300,18 @@ def cmd_compare(args) -> int:
         else:
             overrides.append(word)
     compare(methods, overrides, console, args.recipes)
+    return 0
+
+
+def cmd_slurm(args) -> int:
+    from losia_cli.slurm import SlurmOptions, slurm
+
+    opts = SlurmOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
+        account=args.account, job_name=args.job_name, out_dir=args.out_dir, cpus_per_task=args.cpus_per_task,
+        mem=args.mem, exclusive=args.exclusive, signal_seconds=args.signal_seconds, submit=args.submit,
+    )
+    slurm(args.recipe, args.overrides, opts, console, args.recipes)
     return 0
 
 
@@ -282,6 +336,22 @@ COMPARE_EXAMPLES = """\
 examples:
   losia compare methods=[losia_pro,lora,full] train.max_steps=20 eval.tasks=[gsm8k@bundled:gsm8k_sample]
   losia compare recipe=llama2_7b_math methods=[losia_pro,lora] eval.tasks=[gsm8k]
+"""
+
+REPORT_EXAMPLES = """\
+examples:
+  losia report runs/demo                                 # -> runs/demo/report/report.html + PNGs
+  losia report runs/demo-losia_pro runs/demo-lora --out report-compare   # overlay several runs
+  losia report runs/continual-demo                       # accuracy matrix, BWT and forgetting
+"""
+
+SLURM_EXAMPLES = """\
+examples:
+  losia slurm smollm2_135m_math --nodes 1 --gpus-per-node 1 --time 01:00:00      # writes runs/<name>/slurm/job.sbatch
+  losia slurm llama2_7b_math method=lora --nodes 2 --gpus-per-node 8 --time 12:00:00 --partition gpu --submit
+  losia slurm gemma2b_math dist=zero2 run.name=g2b --nodes 4 --gpus-per-node 4 --time 2-00:00:00 --submit
+  losia slurm smollm2_135m_math --nodes 1 --gpus-per-node 0 --cpus-per-task 8 --time 30:00   # a CPU job
+A requeued job (time limit, preemption) resumes the same run dir from its latest checkpoint.
 """
 
 BENCH_EXAMPLES = """\
@@ -344,6 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "step latency / memory of methods side by side, in one process",
                 BENCH_EXAMPLES, bench_command)
     add_bench_arguments(p)
+
+    p = command("report", "figures and one self-contained HTML page for one run, or several overlaid",
+                REPORT_EXAMPLES, cmd_report)
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="output dir (default: RUN_DIR/report; ./report-compare for several)")
+
+    p = command("slurm", "write (and --submit) an sbatch job that trains a recipe on N nodes, requeue-safe",
+                SLURM_EXAMPLES, cmd_slurm)
+    p.add_argument("recipe", help="recipe name (as in recipe=NAME)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for losia train")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")
+    p.add_argument("--time", required=True, help="time limit, HH:MM:SS (or any Slurm --time format)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--job-name", help="default: the run name")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per node (one task per node)")
+    p.add_argument("--mem", help="memory per node, e.g. 200G")
+    p.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="warn the job this long before the time limit, to checkpoint (default 120)")
+    p.add_argument("--out-dir", type=Path, help="where job.sbatch and the logs go (default: RUN_DIR/slurm)")
+    p.add_argument("--submit", action="store_true", help="run sbatch and print the job id")
+    p.add_argument("--recipes", **recipes_option)
     return parser
 
 
@@ -357,7 +451,12 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
 
+    import torch
     from transformers.utils import logging as hf_logging
+
+    if not torch.cuda.is_available():  # else DeepSpeed warns at import that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     # bitsandbytes (pulled in by galore-torch, imported by peft) warns about optional CPU kernels.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -372,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from losia_cli.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+
     debug = args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1"
     _quiet_libraries(debug)
     try:
@@ -381,10 +482,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print("[bold red]error:[/]", escape(str(e)))
         return 2
+    except Preempted as e:
+        err_console.print(f"[yellow]{escape(str(e))}[/]")
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the importable module, not __main__: submitit pickles sweep jobs (_SweepJob) by name.
+    from losia_cli.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from losia_cli.data.config import DataConfig
 from losia_cli.eval.command import EvalConfig
@@ -58,11 +58,65 @@ class RunSection(_Strict):
     output_dir: str = "runs"
     resume: str | None = None  # "auto" = latest complete checkpoint of this run dir, or a path
     overwrite: bool = False  # reuse an existing run dir that holds a finished run
+    loggers: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl also goes to these
+    wandb_project: str = "losia"
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, loggers: list[str]) -> list[str]:
+        from losia_cli.engine.loggers import check_installed
+
+        check_installed(loggers)  # at start, not after the model has loaded
+        return loggers
+
+
+def _overrides_of(model: type[BaseModel]) -> type[BaseModel]:
+    """`model` with every field optional: a stage names only the keys it changes, each one still
+    checked for name and type here (the merged section is validated in full by losia_cli/continual)."""
+    fields = {name: (field.annotation | None, None) for name, field in model.model_fields.items()}
+    return create_model(f"{model.__name__}Overrides", __base__=_Strict, **fields)
+
+
+DataOverrides, TrainOverrides = _overrides_of(DataConfig), _overrides_of(TrainConfig)
+
+
+class StageConfig(_Strict):
+    """One stage of a continual run (recipe key `stages:`; see losia_cli/continual.py)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # part of the stage's run dir name
+    data: DataOverrides = Field(default_factory=DataOverrides)  # merged onto the run's `data:`
+    train: TrainOverrides = Field(default_factory=TrainOverrides)  # merged onto the run's `train:`
+    eval_tasks: list[str] = Field(min_length=1)  # TASK or TASK@SOURCE, as `losia eval tasks=[...]`
 
 
 class DistConfig(_Strict):
+    """How many processes train and how they share the work (recipes/dist/*.yaml).
+
+    `losia train` relaunches itself through `accelerate launch` when this asks for more than one
+    process; the multi-node fields are filled in by `losia slurm`'s batch script on each node.
+    """
+
     name: Literal["single", "ddp", "fsdp", "zero2", "zero3"] = "single"
-    num_processes: int = Field(1, gt=0)
+    num_processes: int = Field(1, gt=0)  # in total, over all machines
+    offload: bool = False  # ZeRO: optimizer state (and, for zero3, parameters) in CPU memory
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    num_machines: int = Field(1, gt=0)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = Field(29500, gt=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.name == "single" and self.num_processes > 1:
+            raise ValueError("dist=single runs one process; use dist=ddp (or fsdp, zero2, zero3) "
+                             "with dist.num_processes > 1")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("set dist.main_process_ip (the first node's address) when num_machines > 1")
+        if self.offload and self.name not in ("zero2", "zero3"):
+            raise ValueError("dist.offload applies to zero2 and zero3 only")
+        return self
 
 
 class RunConfig(_Strict):
@@ -75,13 +129,37 @@ class RunConfig(_Strict):
     run: RunSection = RunSection()
     dist: DistConfig = DistConfig()
     eval: EvalConfig = EvalConfig()
+    stages: list[StageConfig] | None = None  # continual learning: train these in sequence
+
+    @model_validator(mode="after")
+    def _dist_supports_method(self):
+        """Refuse, before anything loads, the combinations that would train silently wrong."""
+        dist, method = self.dist.name, self.method.name
+        if method in ("losia", "losia_pro") and dist in ("fsdp", "zero3"):
+            # Write-through changes W every step; FSDP / ZeRO-3 shard W (that needs the method
+            # page's delta form, which this version does not have).
+            raise ValueError(
+                f"dist={dist} shards the full weights that {method} writes its block into after every "
+                "step; use dist=ddp or dist=zero2 (the subnet's gradients and optimizer state are small "
+                "already, so ZeRO-3 would save little)"
+            )
+        if method == "galore" and dist not in ("single", "ddp"):
+            raise ValueError(f"dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp")
+        if dist in ("fsdp", "zero3"):
+            if method == "pissa":
+                raise ValueError(f"dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2")
+            if self.train.save_every:
+                raise ValueError(f"train.save_every: checkpoints under dist={dist} are not supported yet; "
+                                 "use dist=ddp or dist=zero2 for resumable runs")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
 
-def format_validation_error(e: ValidationError) -> str:
-    return "; ".join(_format_error(err) for err in e.errors())
+def format_validation_error(e: ValidationError, prefix: tuple = ()) -> str:
+    """One line naming each bad key; `prefix` locates a nested model (e.g. ("stages", 1))."""
+    return "; ".join(_format_error({**err, "loc": (*prefix, *err["loc"])}) for err in e.errors())
 
 
 def _format_error(err: dict) -> str:
@@ -91,7 +169,8 @@ def _format_error(err: dict) -> str:
         key = key.replace(f"method.{tag}.", "method.")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{key}: {err['msg']}{shown}"
+    message = err["msg"].removeprefix("Value error, ")  # our own validators' messages name their keys
+    return f"{key}: {message}{shown}" if key else message
 
 
 def _method_classes() -> dict[str, type[BaseModel]]:

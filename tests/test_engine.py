@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from losia_cli.config import ConfigError
-from losia_cli.engine import loop
+from losia_cli.engine import checkpoint, loop
 from losia_cli.engine.loop import train
 
 METRIC_FIELDS = {"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_bytes"}
@@ -69,7 +69,7 @@ def test_lora_final_is_an_adapter(tiny_config):
     assert 0 < report["trainable_params"] < report["total_params"] / 10
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "losia_pro"])
 def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, method):
     common = (f"method={method}", "train.max_steps=5", "train.save_every=2", "train.warmup_ratio=0.2")
     straight = train(tiny_config("straight", *common))
@@ -95,6 +95,37 @@ def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, meth
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (straight, run_dir)]
     assert losses[0] == losses[1]
+
+
+def test_crash_mid_checkpoint_leaves_nothing_resume_would_pick(tiny_config, tmp_path, monkeypatch):
+    common = ("method=losia_pro", "train.max_steps=6", "train.save_every=2", "method.period=2")
+    straight = train(tiny_config("straight", *common))
+
+    real_save, calls = checkpoint.save_weights, {"n": 0}
+
+    def die_while_writing_the_second(model, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            path.write_bytes(b"the first bytes of a safetensors file")
+            raise RuntimeError("simulated crash mid-checkpoint")
+        real_save(model, path)
+
+    monkeypatch.setattr(checkpoint, "save_weights", die_while_writing_the_second)
+    with pytest.raises(RuntimeError, match="mid-checkpoint"):
+        train(tiny_config("crashed", *common))
+    run_dir = tmp_path / "crashed"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-2"]
+    # A killed process cannot clean up: its half-written temp dir must not count either.
+    half = run_dir / "checkpoints" / ".step-4.tmp"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    (half / "trainer_state.json").write_text('{"step": 4}')
+    assert checkpoint.latest(run_dir) == run_dir / "checkpoints" / "step-2"
+
+    monkeypatch.setattr(checkpoint, "save_weights", real_save)
+    train(tiny_config("crashed", *common, "run.resume=auto"))
+    a, b = final_weights(straight), final_weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_existing_run_dir_is_not_clobbered(tiny_config):

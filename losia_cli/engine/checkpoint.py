@@ -1,7 +1,8 @@
 """Resumable checkpoints: checkpoints/step-N/ holds everything to continue bit-exactly.
 
 A checkpoint is written into a temp dir and renamed into place, so `latest()` only ever sees
-complete ones; older ones beyond `keep_last_n` are pruned after a new one lands.
+complete ones (a crash mid-write leaves only a `.step-N.tmp` dir, which it ignores); older ones beyond
+`keep_last_n` are pruned after a new one lands.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import json
 import random
 import re
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from losia_cli import atomic
+from losia_cli.config import ConfigError
+from losia_cli.engine.distributed import deepspeed_optimizer
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -36,6 +40,35 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _unique_tensors(model) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights (same memory) listed once, under their first name."""
+    unique, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.numel() else name
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor.detach()
+    return unique
+
+
+def save_weights(model, path: Path) -> None:
+    # ZeRO turns trainable parameters into views of one flat buffer per group; safetensors stores
+    # whole storages only, so such views are copied out (they are the small trainable tensors).
+    tensors = {
+        name: t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t.contiguous()
+        for name, t in _unique_tensors(model).items()
+    }
+    save_file(tensors, str(path))
+
+
+def load_weights(model, path: Path) -> None:
+    tensors = load_file(str(path))
+    expected = _unique_tensors(model)
+    if set(tensors) != set(expected):
+        raise ConfigError(f"{path} does not hold this model's weights (different parameter names)")
+    model.load_state_dict(tensors, strict=False)  # the tied names not listed share the loaded memory
+
+
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -49,24 +82,50 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(run_dir: Path, step: int, model, optimizer, method, trainer_state: dict, keep_last_n: int):
+def save(run_dir: Path, step: int, accelerator, model, optimizer, method, trainer_state: dict, keep_last_n: int):
+    """Collective: every rank calls it. Rank 0 writes the shared state; every rank its RNG and, under
+    ZeRO, its shard of the optimizer state. The dir is renamed into place once all parts are there."""
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.directory(final, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(method.state_dict(), tmp / "method.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    for _, old in checkpoints(run_dir)[:-keep_last_n]:
-        shutil.rmtree(old, ignore_errors=True)
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    zero = deepspeed_optimizer(accelerator)
+    with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_dir_for(final)) as tmp:
+        accelerator.wait_for_everyone()  # rank 0 has made the temp dir
+        torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+        if zero is not None:
+            torch.save(zero.state_dict(), tmp / f"optimizer-rank{rank}.pt")
+        accelerator.wait_for_everyone()
+        if main:
+            save_weights(model, tmp / "model.safetensors")
+            if zero is None:  # DDP / single: the optimizer state is the same on every rank
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(method.state_dict(), tmp / "method.pt")
+            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if main:
+        for _, old in checkpoints(run_dir)[:-keep_last_n]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # nobody runs ahead (or resumes) before the rename
     return final
 
 
-def load(path: Path, model, optimizer, method) -> dict:
+def load(path: Path, accelerator, model, optimizer, method) -> dict:
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved_world, rank = state.get("world_size", 1), accelerator.process_index
+    zero = deepspeed_optimizer(accelerator)
+    if zero is not None and saved_world != accelerator.num_processes:
+        raise ConfigError(
+            f"run.resume: {path} holds ZeRO optimizer shards of {saved_world} processes; "
+            f"resume with dist.num_processes={saved_world}"
+        )
+    load_weights(model, path / "model.safetensors")
     method.load_state_dict(torch.load(path / "method.pt", weights_only=False))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    if zero is not None:
+        shards = [torch.load(path / f"optimizer-rank{r}.pt", weights_only=False) for r in range(saved_world)]
+        zero.load_state_dict(shards, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    # A different number of processes gets rank 0's RNG for the new ranks (no longer bit-exact anyway).
+    rng = path / f"rng-rank{rank if rank < saved_world else 0}.pt"
+    _set_rng_state(torch.load(rng, weights_only=False))
+    return state

@@ -13,20 +13,20 @@ import resource
 import shutil
 import statistics
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from rich.console import Console
 
 from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.engine import checkpoint
+from losia_cli.engine.distributed import count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, ranks_in_sync
+from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import RunRecords
 from losia_cli.methods import TrainContext, WarmupCosine, build_method
@@ -47,6 +47,8 @@ def _check_run_dir(cfg: RunConfig) -> Path | None:
     """Refuse to clobber a run by accident; return the checkpoint to resume from, if any."""
     run_dir = cfg.run_dir()
     if cfg.run.resume == "auto":
+        if (run_dir / "report.json").is_file():
+            raise ConfigError(f"run.resume=auto: {run_dir} has finished already (it has report.json)")
         return checkpoint.latest(run_dir)
     if cfg.run.resume:
         path = Path(cfg.run.resume)
@@ -93,7 +95,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         torch.set_num_threads(tc.num_threads)
     # Autocast is ours (below), not Accelerator(mixed_precision=...): accelerate's state is a
     # process-wide singleton that refuses a second run with another precision (sweeps, tests).
-    accelerator = Accelerator(cpu=tc.device == "cpu" or not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg = name_run(cfg)
@@ -126,12 +128,18 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         total_steps=total_steps,
         grad_accum=tc.grad_accum,
         seed=cfg.seed,
-        log_subnet=records.subnet if main else (lambda record: None),
+        # A resumed run's initial blocks are in subnets.jsonl already (and the checkpoint replaces
+        # them): the records start after prepare() then.
+        log_subnet=records.subnet if main and not resume_from else (lambda record: None),
         world_size=world,
         all_reduce_sum=lambda t: t.copy_(accelerator.reduce(t, reduction="sum")) if world > 1 else None,
+        broadcast_from_main=lambda t: broadcast(t, from_process=0) if world > 1 else t,
+        refresh_master_weights=lambda: (zero := deepspeed_optimizer(accelerator)) and zero.refresh_fp32_params(),
     )
     method = build_method(cfg.method)
     model = method.prepare(model, ctx)
+    if main:
+        ctx.log_subnet = records.subnet
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = method.param_groups(tc.lr, tc.weight_decay)
@@ -146,13 +154,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     raw_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    grad_sync = count_grad_sync_bytes(model)
 
     start_step, state = 0, {}
     if resume_from:
-        state = checkpoint.load(Path(resume_from), accelerator.unwrap_model(model), raw_optimizer, method)
+        state = checkpoint.load(Path(resume_from), accelerator, accelerator.unwrap_model(model), raw_optimizer, method)
         start_step = state["step"]
-        if main:
-            records.truncate_after(start_step)
+    if main and (resume_from or cfg.run.resume == "auto"):
+        records.truncate_after(start_step)  # also drops the records of a run killed before its 1st checkpoint
     if main:
         records.write_config({**cfg.model_dump(mode="json"), "total_steps": total_steps}, device)
         summary = method.describe()
@@ -168,81 +177,97 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     history = state.get("history", {"step_time_s": [], "tokens": [], "loss": []})
     method_time = 0.0
     wall0 = time.perf_counter()
-    model.train()
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        for group, factor in zip(raw_optimizer.param_groups, method.lr_factors(step, len(groups))):
-            group["lr"] = group["base_lr"] * factor
-        micro = [
-            _micro_batch(data, collate, step * tc.grad_accum + i, tc.micro_batch_size, world, rank, cfg.seed)
-            for i in range(tc.grad_accum)
-        ]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        counts = torch.tensor([local_tokens, sum(b["input_ids"].numel() for b in micro)], device=device)
-        step_targets, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-                loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
-                # DDP averages gradients over ranks; scale so the result is the global token mean.
-                accelerator.backward(loss * world / max(step_targets, 1))
-            loss_sum += loss.detach()
-        if tc.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tm = time.perf_counter()
-        method.on_step(step, raw_optimizer)
-        method_time += time.perf_counter() - tm
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time = time.perf_counter() - t0
-        step_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(step_targets, 1)
-        for key, value in (("step_time_s", step_time), ("tokens", step_inputs), ("loss", step_loss)):
-            history[key].append(value)
-        done = step + 1
-        if main and (done % tc.log_every == 0 or done == total_steps):
-            metrics = {
-                "step": done,
-                "loss": step_loss,
-                # The run's schedule; LoSiA's per-slot rewarm multipliers are in lr_groups.
-                "lr": tc.lr * schedule.factor(step),
-                "lr_groups": [g["lr"] for g in raw_optimizer.param_groups],
-                "tokens": step_inputs,
-                "target_tokens": step_targets,
-                "step_time_s": step_time,
-                "tokens_per_s": step_inputs / step_time,
-                "peak_mem_bytes": _peak_memory(device),
-                "epoch": (done * tc.grad_accum - 1) // micro_per_epoch,
-            }
-            records.metric(metrics)
-            progress.update(done, metrics)
-        if tc.save_every and done % tc.save_every == 0 and done < total_steps:
-            accelerator.wait_for_everyone()
-            if main:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    deepspeed = deepspeed_optimizer(accelerator) is not None
+    # SIGUSR1 / SIGTERM (Slurm preemption, time limit): checkpoint at the next step boundary, exit 75.
+    with StopRequest().listening() as stop:
+        model.train()
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            for group, factor in zip(raw_optimizer.param_groups, method.lr_factors(step, len(groups))):
+                group["lr"] = group["base_lr"] * factor
+            micro = [
+                _micro_batch(data, collate, step * tc.grad_accum + i, tc.micro_batch_size, world, rank, cfg.seed)
+                for i in range(tc.grad_accum)
+            ]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            counts = torch.tensor([local_tokens, sum(b["input_ids"].numel() for b in micro)], device=device)
+            step_targets, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
+            loss_sum = torch.zeros((), device=device)
+            for batch in micro:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                # accumulate(): no gradient sync (DDP) / no DeepSpeed step until the last micro-batch.
+                with accelerator.accumulate(model), autocast:
+                    loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
+                    # accelerate (or DeepSpeed) divides by grad_accum and DDP averages over ranks;
+                    # undo both so the gradient is the mean over the step's target tokens.
+                    accelerator.backward(loss * (tc.grad_accum * world / max(step_targets, 1)))
+                loss_sum += loss.detach()
+            if tc.max_grad_norm is not None and not deepspeed:  # DeepSpeed clips inside its own step
+                accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+            optimizer.step()  # under DeepSpeed a no-op: its step ran in the last backward
+            optimizer.zero_grad(set_to_none=True)
+            tm = time.perf_counter()
+            method.on_step(step, raw_optimizer)
+            method_time += time.perf_counter() - tm
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - t0
+            step_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(step_targets, 1)
+            for key, value in (("step_time_s", step_time), ("tokens", step_inputs), ("loss", step_loss)):
+                history[key].append(value)
+            done = step + 1
+            if main and (done % tc.log_every == 0 or done == total_steps):
+                metrics = {
+                    "step": done,
+                    "loss": step_loss,
+                    # The run's schedule; LoSiA's per-slot rewarm multipliers are in lr_groups.
+                    "lr": tc.lr * schedule.factor(step),
+                    "lr_groups": [g["lr"] for g in raw_optimizer.param_groups],
+                    "tokens": step_inputs,
+                    "target_tokens": step_targets,
+                    "step_time_s": step_time,
+                    "tokens_per_s": step_inputs / step_time,
+                    "peak_mem_bytes": _peak_memory(device),
+                    "epoch": (done * tc.grad_accum - 1) // micro_per_epoch,
+                }
+                records.metric(metrics)
+                progress.update(done, metrics)
+            preempted = done < total_steps and _any_rank(accelerator, bool(stop))
+            if preempted or (tc.save_every and done % tc.save_every == 0 and done < total_steps):
                 checkpoint.save(
-                    run_dir, done, accelerator.unwrap_model(model), raw_optimizer, method,
+                    run_dir, done, accelerator, accelerator.unwrap_model(model), raw_optimizer, method,
                     {"history": history}, tc.keep_last_n,
                 )
+            if preempted:
+                progress.close()
+                raise Preempted(done)
     progress.close()
-    accelerator.wait_for_everyone()
+    sharded = cfg.dist.name in ("fsdp", "zero3")
+    in_sync = sharded or ranks_in_sync(accelerator, accelerator.unwrap_model(model))
+    full_state = accelerator.get_state_dict(model) if sharded else None  # collective: gathers shards
     if main:
         final = method.export(accelerator.unwrap_model(model))
         with atomic.directory(run_dir / "final", overwrite=True) as tmp:
-            method.save(final, tmp)
+            method.save(final, tmp, full_state)
             tokenizer.save_pretrained(tmp)
         # The first step pays one-off warm-up costs (allocator, kernels); leave it out of timings.
         times, tokens = history["step_time_s"][1:] or history["step_time_s"], history["tokens"][1:] or history["tokens"]
+        summary = method.describe()
+        tokens_per_s = sum(tokens) / sum(times)
         report = {
-            **method.describe(),
+            **summary,
             "total_steps": total_steps,
             "step_time_s": {"p50": _percentile(times, 50), "p95": _percentile(times, 95)},
-            "tokens_per_s": sum(tokens) / sum(times),
+            "tokens_per_s": tokens_per_s,
+            "mfu": _model_flops_utilisation(device, summary["total_params"], tokens_per_s, world),
             "peak_mem_bytes": _peak_memory(device),
             "relocalization_time_s": getattr(method, "relocalization_time_s", 0.0),
+            "num_processes": world,
+            "ranks_in_sync": in_sync,
+            # Bytes DDP all-reduced per optimizer step (this process's steps; None without DDP).
+            "grad_sync_bytes_per_step": grad_sync and grad_sync["bytes"] / max(1, total_steps - start_step),
             "method_step_time_s": method_time,
             "first_loss": history["loss"][0],
             "final_loss": history["loss"][-1],
@@ -260,6 +285,27 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
             f"p50 {report['step_time_s']['p50']:.2f} s/step -> {run_dir}"
         )
     return run_dir
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name; MFU is reported for these only.
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def _model_flops_utilisation(device, params: int, tokens_per_s: float, world: int) -> float | None:
+    """6 N FLOPs per trained token (forward + full backward: the usual model-FLOPs convention, the
+    same for every method, so a cheaper backward shows as a higher MFU) over the GPUs' bf16 peak."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
+    return 6 * params * tokens_per_s / (peak * world) if peak else None
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on one (a signal may reach the ranks at different steps)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum"))
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -1,7 +1,8 @@
 """The run directory's records (architecture page, section 5): field names there are a contract.
 
 JSONL files are line-buffered and flushed per record, so a crashed run stays readable up to its last
-step; summaries (config.yaml, report.json) are written atomically.
+step; summaries (config.yaml, report.json) are written atomically. Optional trackers
+(`run.loggers`, engine/loggers.py) get a copy of the metrics, the config and the report.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from losia_cli import __version__, atomic
+from losia_cli.engine.loggers import open_loggers
 
 
 def versions() -> dict:
@@ -52,13 +54,18 @@ class RunRecords:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self._subnets = open(self.dir / "subnets.jsonl", "a", buffering=1)
+        self._loggers: list = []  # opened by write_config, which knows run.loggers
 
     def write_config(self, config: dict, device: torch.device) -> None:
         doc = {**config, "versions": versions(), "device": device_name(device)}
         atomic.write_text(self.dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+        if not self._loggers:
+            self._loggers = open_loggers(self.dir, doc)
 
     def metric(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")
+        for logger in self._loggers:
+            logger.metric(record)
 
     def subnet(self, record: dict) -> None:
         self._subnets.write(json.dumps(record) + "\n")
@@ -76,7 +83,12 @@ class RunRecords:
 
     def write_report(self, report: dict) -> None:
         atomic.write_json(self.dir / "report.json", report)
+        for logger in self._loggers:
+            logger.summary(report)
 
     def close(self) -> None:
         self._metrics.close()
         self._subnets.close()
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []

@@ -62,6 +62,10 @@ class TrainContext:
     # Distributed: world size and a hook to all-reduce (sum) a tensor in place; identity when single.
     world_size: int = 1
     all_reduce_sum: Callable[[torch.Tensor], None] = lambda tensor: None
+    broadcast_from_main: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
+    # Call after changing trainable parameters outside the optimizer (LoSiA's re-localization): under
+    # ZeRO the optimizer updates its own fp32 master copies, which must be re-read from the model.
+    refresh_master_weights: Callable[[], None] = lambda: None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,9 +110,10 @@ class Method:
         """The model `final/` is written from with save_pretrained (a plain HF model for full FT)."""
         return model
 
-    def save(self, exported: nn.Module, path) -> None:
-        """Write `final/` from what export() returned."""
-        exported.save_pretrained(path)
+    def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
+        """Write `final/` from what export() returned (with the gathered `state_dict` when the
+        training sharded the weights: FSDP, ZeRO-3)."""
+        exported.save_pretrained(path, state_dict=state_dict)
 
     def describe(self) -> dict:
         """Trainable parameter count and the bytes of AdamW state they imply (two moments each)."""

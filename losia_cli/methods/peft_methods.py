@@ -62,8 +62,8 @@ class PeftMethod(Method):
             config.init_lora_weights = init
         return super().prepare(model, ctx)
 
-    def save(self, exported: nn.Module, path) -> None:
+    def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
         if self.cfg.name != "pissa":
-            return super().save(exported, path)
+            return super().save(exported, path, state_dict)
         exported.save_pretrained(path, path_initial_model_for_weight_conversion=self.pissa_init)
         shutil.rmtree(self.pissa_init, ignore_errors=True)

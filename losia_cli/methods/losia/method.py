@@ -79,6 +79,7 @@ class LosiaMethod(Method):
         self.slot_schedule: SlotSchedule | None = None
         self.rewarm: Rewarm | None = None
         self.relocalization_time_s = 0.0  # scoring -> new block, summed over the run (report.json)
+        self.rank_disagreements = 0  # blocks a rank chose differently from rank 0 (must stay 0)
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -208,31 +209,48 @@ class LosiaMethod(Method):
         for t in self.targets:
             t.module.write_through()
         started = time.perf_counter()
-        for slot in self.slot_schedule.relocalizing_slots(step):
+        slots = self.slot_schedule.relocalizing_slots(step)
+        for slot in slots:
             for t in self.slots[slot]:
-                self._relocalize(t, step, optimizer)
+                self._relocalize(t, step)
+            # A slot is one param group; resetting the group (not each `sub`) also covers ZeRO, whose
+            # optimizer holds one flat shard per group in place of the group's tensors.
+            self._reset_moments(optimizer.param_groups[slot]["params"], optimizer)
             self.restarts[slot] = step + 1
+        if slots:
+            self.ctx.refresh_master_weights()
         self.relocalization_time_s += time.perf_counter() - started
         self.next_step = step + 1
         self._set_scoring(self.next_step)
 
-    def _relocalize(self, target: Target, step: int, optimizer: torch.optim.Optimizer) -> None:
+    def _reset_moments(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        for param in params:
+            state = optimizer.state.get(param)
+            if state and self.cfg.compat_keep_step_counter:
+                for key, value in state.items():
+                    if key != "step" and torch.is_tensor(value):
+                        value.zero_()
+            else:
+                # Fresh moments and a fresh bias correction for the new block.
+                optimizer.state.pop(param, None)
+
+    def _relocalize(self, target: Target, step: int) -> None:
         module = target.module
         score = module.scorer.score()
         k_rows, k_cols = module.sub.shape
         rows, cols, mass = select_block(score, k_rows, k_cols, self.cfg.selection)
+        if self.ctx.world_size > 1:
+            # Every rank scores the same all-reduced gradient and selects deterministically, so
+            # this is a guard: should one rank differ, rank 0's block wins and the count says so.
+            chosen = torch.cat([rows, cols])
+            agreed = self.ctx.broadcast_from_main(chosen.clone())
+            if not torch.equal(agreed, chosen):
+                self.rank_disagreements += 1
+                rows, cols = agreed[:k_rows], agreed[k_rows:]
         total = float(score.sum())
         overlap = block_overlap(module.rows, module.cols, rows, cols)
         module.set_block(rows, cols)
         module.stop_scoring()  # frees the EMAs
-        state = optimizer.state.get(module.sub)
-        if state and self.cfg.compat_keep_step_counter:
-            for key, value in state.items():
-                if key != "step" and torch.is_tensor(value):
-                    value.zero_()
-        else:
-            # Fresh moments and a fresh bias correction for the new block.
-            optimizer.state.pop(module.sub, None)
         share = mass / total if total > 0 else 0.0
         self._log(target, step=step + 1, score_mass=share, overlap=overlap, source="score")
 
@@ -326,6 +344,7 @@ class LosiaMethod(Method):
                 "rank_factor": {"min": min(ps), "max": max(ps), "mean": sum(ps) / len(ps)},
                 "lora_equiv_rank": subnet / lora_params_per_rank,
                 "scoring_buffer_bytes": scoring_bytes,
+                "subnet_rank_disagreements": self.rank_disagreements,
             }
         )
         return info
