@@ -22,6 +22,9 @@ Memory, per method:
 - CPU: `rss_peak_delta_bytes`: ru_maxrss growth of a spawned child process that builds the model and
   runs warmup + 2 steps for that method alone (ru_maxrss is a process high-water mark and cannot be
   reset, so in one process it would only show the largest method).
+
+`--plot PNG` draws the report (step time with p95, peak memory, ratios to floor and LoRA);
+`--from JSON` re-prints and re-plots a saved report without running anything.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from losia_cli import atomic
 from losia_cli.engine.records import device_name, versions
 from losia_cli.methods.base import Method, TrainContext, WarmupCosine
 from losia_cli.models import DTYPES
@@ -351,12 +355,13 @@ def run_bench(
     interleave: bool = True,
     rss: bool | None = None,
     period: int | None = None,
+    notes: str | None = None,
     progress=None,
 ) -> dict:
     """Time and measure `methods` on one shape; returns the JSON-able report (see module doc).
 
     `rss`: measure CPU peak RSS in child processes (None: yes on CPU). `period`: LoSiA's T override.
-    `progress(msg)`: optional callback for status lines.
+    `notes`: free text kept in the report (machine conditions). `progress(msg)`: optional status callback.
     """
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -454,6 +459,7 @@ def run_bench(
             "device": device_name(dev),
             "versions": versions(),
             "peak_memory_metric": memory_key,
+            "notes": notes,
             "config": {k: v for k, v in spec.items()} | {"methods": methods, "interleave": interleave,
                                                             "lr": LR, "betas": list(BETAS), "eps": EPS},
         },
@@ -489,6 +495,94 @@ def print_table(report: dict, console=None) -> None:
     console.print(table)
 
 
+_MEMORY_LABELS = {
+    "rss_peak_delta_bytes": "peak RSS growth (child process)",
+    "cuda_peak_allocated_bytes": "CUDA peak allocated",
+    "accounted_bytes": "accounted bytes",
+}
+
+
+def _bar_color(name: str) -> str:
+    # LoSiA methods stand out; the floor (a bound, not a method) is grey.
+    return {"floor": "0.65", "losia": "tab:orange", "losia_pro": "tab:red"}.get(name, "tab:blue")
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"  # 3 significant digits, never 1.14e+03
+
+
+def _bar_label(value: str, r: dict, prefix: str) -> str:
+    refs = [ref for ref in ("floor", "lora") if f"{prefix}_vs_{ref}" in r]
+    ratios = ", ".join(f"{r[f'{prefix}_vs_{ref}']:.2f}x {ref}" for ref in refs)
+    return f"  {value}" + (f" | {ratios}" if ratios else "")
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    """PNG of a bench report: median step time (whisker to p95) and peak memory per method, each bar
+    labelled with its ratios to floor and LoRA. Written atomically; matplotlib is imported only here."""
+    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend (Agg)
+
+    meta, results = report["meta"], report["results"]
+    cfg = meta["config"]
+    names = list(results)
+    rows = [results[n] for n in names]
+    y = list(range(len(names)))[::-1]  # first method on top
+    colors = [_bar_color(n) for n in names]
+    fig = Figure(figsize=(12, 1.6 + 0.42 * len(names)), dpi=110, layout="constrained")
+    ax_t, ax_m = fig.subplots(1, 2, sharey=True)
+
+    median = [r["median_step_s"] for r in rows]
+    p95 = [max(r["p95_step_s"], r["median_step_s"]) for r in rows]
+    ax_t.barh(y, median, color=colors, xerr=[[0] * len(rows), [b - a for a, b in zip(median, p95)]],
+              error_kw=dict(ecolor="0.25", capsize=3, lw=1))
+    for yi, r, end in zip(y, rows, p95):
+        ax_t.text(end, yi, _bar_label(f"{_num(r['median_step_s'])} s", r, "step_time"), va="center", fontsize=8)
+    ax_t.set_xlim(0, max(p95) * 1.9)  # room for the labels right of the whiskers
+    ax_t.set_title("step time: median, whisker to p95", fontsize=10)
+    ax_t.set_xlabel("seconds per optimizer step")
+
+    unit, scale = ("GiB", 2**30) if max(r["peak_memory_bytes"] for r in rows) >= 4 * 2**30 else ("MiB", 2**20)
+    memory = [r["peak_memory_bytes"] / scale for r in rows]
+    ax_m.barh(y, memory, color=colors)
+    for yi, r, end in zip(y, rows, memory):
+        ax_m.text(end, yi, _bar_label(f"{_num(end)} {unit}", r, "memory"), va="center", fontsize=8)
+    ax_m.set_xlim(0, max(memory) * 1.9)
+    ax_m.set_title(f"peak memory: {_MEMORY_LABELS.get(meta['peak_memory_metric'], meta['peak_memory_metric'])}",
+                   fontsize=10)
+    ax_m.set_xlabel(unit)
+
+    ax_t.set_yticks(y, names)
+    for ax in (ax_t, ax_m):
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    model = cfg["model"] if isinstance(cfg["model"], str) else "custom shape"
+    model = Path(model).name if "/" in model else model
+    checkpointing = ", activation checkpointing" if cfg.get("activation_checkpointing") else ""
+    mode = "interleaved" if cfg.get("interleave", True) else "sequential"
+    fig.suptitle(f"{model}: B{cfg['batch']}xT{cfg['seq']}, {cfg['dtype']}{checkpointing}, {meta['device']} "
+                 f"({cfg['steps']} {mode} steps, LoRA rank {cfg['lora_rank']})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a crash never leaves a truncated PNG
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+def load_report(path: str | Path) -> dict:
+    """A results JSON written by `losia bench` (to re-plot or re-print it)."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"--from: no such file {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchError(f"--from: {path} is not readable JSON ({e})") from None
+    if not isinstance(report, dict) or not {"meta", "results"} <= set(report):
+        raise BenchError(f"--from: {path} is not a `losia bench` result (no meta/results)")
+    return report
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `losia bench`; each also accepts the Hydra-like `key=value` form (see bench_command)."""
     parser.add_argument("--model", default="llama_h512_l4", help=f"shape ({', '.join(SHAPES)}) or a local HF dir")
@@ -509,7 +603,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time methods one after another, freeing each model (for shapes that don't fit together)")
     parser.add_argument("--no-rss", action="store_true", help="CPU: skip the child-process peak-RSS pass")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--note", default=None, help="free text stored as meta.notes (e.g. machine load)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>_<model>.json)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also write a bar chart of the results")
+    parser.add_argument("--from", dest="from_json", default=None, metavar="JSON",
+                        help="run nothing: re-print and plot an existing results JSON (--plot default: JSON.png)")
     parser.add_argument("overrides", nargs="*", help="key=value forms, e.g. model=llama2_7b methods=[lora,losia_pro]")
 
 
@@ -538,6 +636,12 @@ def bench_command(args: argparse.Namespace) -> int:
 
     console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: don't squeeze the table
     args = _apply_overrides(args)
+    if args.from_json:
+        report = load_report(args.from_json)
+        print_table(report, console)
+        out = plot_report(report, args.plot or Path(args.from_json).with_suffix(".png"))
+        console.print(f"wrote {out}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.strip("[]").split(",") if m.strip()]
@@ -545,15 +649,17 @@ def bench_command(args: argparse.Namespace) -> int:
         model=args.model, methods=methods, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
         device=args.device, dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
         lora_rank=args.lora_rank, rank_factor=args.rank_factor, seed=args.seed, interleave=not args.no_interleave,
-        rss=False if args.no_rss else None, period=args.period,
+        rss=False if args.no_rss else None, period=args.period, notes=args.note,
         progress=lambda msg: console.print(f"[dim]{msg}[/]"),
     )
     shape = Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model
     out = Path(args.out or f"benchmarks/results/{torch.device(args.device).type}_{shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(out, report)
     print_table(report, console)
     console.print(f"wrote {out}")
+    if args.plot:
+        console.print(f"wrote {plot_report(report, args.plot)}")
     return 0
 
 

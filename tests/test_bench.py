@@ -70,15 +70,44 @@ def test_bench_command_writes_json(tmp_path, capsys):
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "micro")
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "plots" / "bench.png"
     args = parser.parse_args(
         [f"model={tmp_path / 'micro'}", "methods=[floor,lora]", "batch=1", "seq=8", "steps=1", "warmup=1",
-         "lora_rank=4", "device=cpu", "--no-rss", "--out", str(out)]
+         "lora_rank=4", "device=cpu", "--no-rss", "--out", str(out), "--plot", str(png), "--note", "quiet box"]
     )
     assert bench_command(args) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"floor", "lora"} and report["meta"]["config"]["lora_rank"] == 4
+    assert report["meta"]["notes"] == "quiet box"
     assert "lora" in capsys.readouterr().out
+    two_methods = _png_shape(png)
+
+    # Re-plot a saved result without running anything: three methods make a taller chart.
+    report["results"]["losia_pro"] = dict(report["results"]["lora"], step_time_vs_lora=0.5, memory_vs_lora=0.8)
+    out.write_text(json.dumps(report))
+    assert bench_command(parser.parse_args(["--from", str(out)])) == 0
+    three_methods = _png_shape(out.with_suffix(".png"))  # default: next to the JSON
+    assert three_methods[1] == two_methods[1] and three_methods[0] > two_methods[0]
+    assert "losia_pro" in capsys.readouterr().out  # the table is printed again too
+
+
+def _png_shape(path) -> tuple[int, int]:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.std() > 0  # something was drawn
+    return image.shape[:2]
+
+
+def test_bench_from_json_errors(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    with pytest.raises(BenchError, match="no such file"):
+        bench_command(parser.parse_args(["--from", str(tmp_path / "missing.json")]))
+    (tmp_path / "other.json").write_text('{"methods": []}')
+    with pytest.raises(BenchError, match="not a `losia bench` result"):
+        bench_command(parser.parse_args(["--from", str(tmp_path / "other.json")]))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("galore_torch") is None, reason="galore-torch not installed")
