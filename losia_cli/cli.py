@@ -25,6 +25,8 @@ examples:
   losia train recipe=gemma2b_math method.rank_factor=0.25 train.lr=5e-5
   losia train recipe=smollm2_135m_math run.name=demo run.resume=auto
   losia train -m method=losia_pro,lora,full train.max_steps=10   # a sweep, one run per method
+  losia train recipe=llama2_7b_math dist=zero2 dist.num_processes=8   # relaunches through accelerate
+  losia train recipe=smollm2_135m_continual method=lora            # continual: stages in sequence
 """
 
 RECIPES_EXAMPLES = """\
