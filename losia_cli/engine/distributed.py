@@ -15,6 +15,7 @@ from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, In
 
 from losia_cli.config import RunConfig
 
+
 def _deepspeed_plugin(cfg: RunConfig) -> DeepSpeedPlugin:
     stage = 3 if cfg.dist.name == "zero3" else 2
     zero: dict = {"stage": stage}
