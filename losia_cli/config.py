@@ -105,6 +105,15 @@ class DistConfig(_Strict):
     main_process_ip: str | None = None
     main_process_port: int = Field(29500, gt=0, lt=65536)
 
+    @property
+    def deepspeed(self) -> bool:
+        return self.name in ("zero2", "zero3")
+
+    @property
+    def shards_weights(self) -> bool:
+        """FSDP and ZeRO-3 split the weights themselves over the processes."""
+        return self.name in ("fsdp", "zero3")
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.name == "single" and self.num_processes > 1:
@@ -114,7 +123,7 @@ class DistConfig(_Strict):
             raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("set dist.main_process_ip (the first node's address) when num_machines > 1")
-        if self.offload and self.name not in ("zero2", "zero3"):
+        if self.offload and not self.deepspeed:
             raise ValueError("dist.offload applies to zero2 and zero3 only")
         return self
 
@@ -135,7 +144,7 @@ class RunConfig(_Strict):
     def _dist_supports_method(self):
         """Refuse, before anything loads, the combinations that would train silently wrong."""
         dist, method = self.dist.name, self.method.name
-        if method in ("losia", "losia_pro") and dist in ("fsdp", "zero3"):
+        if method in ("losia", "losia_pro") and self.dist.shards_weights:
             # Write-through changes W every step; FSDP / ZeRO-3 shard W (that needs the method
             # page's delta form, which this version does not have).
             raise ValueError(
@@ -145,7 +154,7 @@ class RunConfig(_Strict):
             )
         if method == "galore" and dist not in ("single", "ddp"):
             raise ValueError(f"dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp")
-        if dist in ("fsdp", "zero3"):
+        if self.dist.shards_weights:
             if method == "pissa":
                 raise ValueError(f"dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2")
             if self.train.save_every:

@@ -8,13 +8,12 @@ the workers are the ones that must checkpoint (engine/preemption.py).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from losia_cli.config import ConfigError, RunConfig
-from losia_cli.engine.preemption import PREEMPTED_EXIT_CODE, PREEMPTION_SIGNALS
+from losia_cli.engine.preemption import PREEMPTED_EXIT_CODE, handling
 
 
 def inside_launch() -> bool:
@@ -73,10 +72,6 @@ def relaunch(cfg: RunConfig, overrides: list[str], recipes: Path | None) -> int:
             except psutil.NoSuchProcess:
                 pass
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in PREEMPTION_SIGNALS}
-    try:
+    with handling(pass_on):
         code = launcher.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return PREEMPTED_EXIT_CODE if forwarded and code != 0 else code

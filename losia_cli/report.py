@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import yaml
 
 from losia_cli import atomic
+from losia_cli.engine.records import step_timings
 
 MAX_BINS = 256  # index bins per heatmap panel: ~2 screen pixels each at the page's image width
 MAX_EVENT_LINES = 40  # more re-localizations than this are drawn as a rug, not as vertical lines
@@ -113,14 +113,6 @@ def label_runs(runs: list[Run]) -> None:
 
 
 # --- summary --------------------------------------------------------------------------------------
-def _percentile(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
 def summary(run: Run) -> dict:
     """The summary-table values: report.json where present, else recomputed as the engine does."""
     rep, m = run.report, run.metrics
@@ -134,13 +126,11 @@ def summary(run: Run) -> dict:
             "first_loss": rep.get("first_loss"), "final_loss": rep.get("final_loss"), "wall_s": rep.get("wall_s"),
             "steps": rep.get("total_steps"),
         }
-    times = [r["step_time_s"] for r in m if "step_time_s" in r]
-    times = times[1:] or times  # the engine leaves the warm-up step out of its timings
-    tokens = [r.get("tokens", 0) for r in m][-len(times):] if times else []
+    timed = [r for r in m if "step_time_s" in r]
+    timings = step_timings([r["step_time_s"] for r in timed], [r.get("tokens", 0) for r in timed])
     return {
         "method": run.method, "trainable_params": None, "total_params": None, "optimizer_state_bytes": None,
-        "p50": _percentile(times, 50), "p95": _percentile(times, 95),
-        "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
+        "p50": timings["p50"], "p95": timings["p95"], "tokens_per_s": timings["tokens_per_s"],
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in m if "peak_mem_bytes" in r), default=None),
         "relocalization_time_s": None, "first_loss": m[0].get("loss") if m else None,
         "final_loss": m[-1].get("loss") if m else None, "wall_s": None,

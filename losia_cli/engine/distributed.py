@@ -44,12 +44,12 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("gloo" if cpu else "nccl")
     kwargs: dict = {
         # accelerate only turns DeepSpeed on with cpu=False; without CUDA its device is the CPU anyway.
-        "cpu": cpu and cfg.dist.name not in ("zero2", "zero3"),
+        "cpu": cpu and not cfg.dist.deepspeed,
         "gradient_accumulation_steps": cfg.train.grad_accum,
     }
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a single process starts no process group
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
-    if cfg.dist.name in ("zero2", "zero3"):
+    if cfg.dist.deepspeed:
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(cfg)
     elif cfg.dist.name == "fsdp":
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(

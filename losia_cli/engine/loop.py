@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import resource
 import shutil
-import statistics
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from losia_cli.engine import checkpoint
 from losia_cli.engine.distributed import count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
-from losia_cli.engine.records import RunRecords
+from losia_cli.engine.records import RunRecords, step_timings
 from losia_cli.methods import TrainContext, WarmupCosine, build_method
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
@@ -178,7 +177,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     method_time = 0.0
     wall0 = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    deepspeed = deepspeed_optimizer(accelerator) is not None
+    deepspeed = cfg.dist.deepspeed
     # SIGUSR1 / SIGTERM (Slurm preemption, time limit): checkpoint at the next step boundary, exit 75.
     with StopRequest().listening() as stop:
         model.train()
@@ -244,7 +243,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                 progress.close()
                 raise Preempted(done)
     progress.close()
-    sharded = cfg.dist.name in ("fsdp", "zero3")
+    sharded = cfg.dist.shards_weights
     in_sync = sharded or ranks_in_sync(accelerator, accelerator.unwrap_model(model))
     full_state = accelerator.get_state_dict(model) if sharded else None  # collective: gathers shards
     if main:
@@ -252,16 +251,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         with atomic.directory(run_dir / "final", overwrite=True) as tmp:
             method.save(final, tmp, full_state)
             tokenizer.save_pretrained(tmp)
-        # The first step pays one-off warm-up costs (allocator, kernels); leave it out of timings.
-        times, tokens = history["step_time_s"][1:] or history["step_time_s"], history["tokens"][1:] or history["tokens"]
+        timings = step_timings(history["step_time_s"], history["tokens"])
         summary = method.describe()
-        tokens_per_s = sum(tokens) / sum(times)
         report = {
             **summary,
             "total_steps": total_steps,
-            "step_time_s": {"p50": _percentile(times, 50), "p95": _percentile(times, 95)},
-            "tokens_per_s": tokens_per_s,
-            "mfu": _model_flops_utilisation(device, summary["total_params"], tokens_per_s, world),
+            "step_time_s": {"p50": timings["p50"], "p95": timings["p95"]},
+            "tokens_per_s": timings["tokens_per_s"],
+            "mfu": _model_flops_utilisation(device, summary["total_params"], timings["tokens_per_s"], world),
             "peak_mem_bytes": _peak_memory(device),
             "relocalization_time_s": getattr(method, "relocalization_time_s", 0.0),
             "num_processes": world,
@@ -306,11 +303,3 @@ def _any_rank(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum"))
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]

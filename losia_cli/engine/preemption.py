@@ -21,6 +21,21 @@ class Preempted(Exception):
         self.step = step
 
 
+@contextlib.contextmanager
+def handling(handler) -> Iterator[None]:
+    """Route the preemption signals to `handler` inside the block (main thread only: elsewhere, e.g.
+    inside some test runners, signal handlers cannot be set and the block runs without them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class StopRequest:
     """A flag set by the signals above while the training loop runs."""
 
@@ -32,16 +47,8 @@ class StopRequest:
 
     @contextlib.contextmanager
     def listening(self) -> Iterator["StopRequest"]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers can only be set from the main thread (e.g. inside tests)
-            return
-
         def request(signum, frame):
             self.signum = signum
 
-        previous = {sig: signal.signal(sig, request) for sig in PREEMPTION_SIGNALS}
-        try:
+        with handling(request):
             yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +47,25 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def step_timings(step_times: list[float], tokens: list[int]) -> dict:
+    """p50/p95 step time and tokens/s of a run (report.json), leaving out the first step, which pays
+    one-off warm-up costs (allocator, kernels)."""
+    times, tokens = step_times[1:] or step_times, tokens[1:] or tokens
+    return {
+        "p50": _percentile(times, 50),
+        "p95": _percentile(times, 95),
+        "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
+    }
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 class RunRecords:
