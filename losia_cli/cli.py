@@ -490,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    finally:
+        # A worker must close its process group while the interpreter is alive: one that exits
+        # with gloo's threads still holding work can die in SIGABRT ("terminate called without an
+        # active exception") after the run itself succeeded.
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class DistConfig(_Strict):
     num_machines: int = Field(1, gt=0)
     machine_rank: int = Field(0, ge=0)
     main_process_ip: str | None = None
-    main_process_port: int = Field(29500, gt=0, lt=65536)
+    # None: a free port on one machine (two runs on one box must not collide), 29500 across machines.
+    main_process_port: int | None = Field(None, gt=0, lt=65536)
 
     @property
     def deepspeed(self) -> bool:

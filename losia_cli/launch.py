@@ -8,6 +8,7 @@ the workers are the ones that must checkpoint (engine/preemption.py).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,12 @@ def needs_launch(cfg: RunConfig) -> bool:
     return cfg.dist.num_processes > 1
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(cfg: RunConfig, overrides: list[str], recipes: Path | None) -> list[str]:
     dist = cfg.dist
     cmd = [
@@ -43,7 +50,7 @@ def launch_command(cfg: RunConfig, overrides: list[str], recipes: Path | None) -
         "--num_processes", str(dist.num_processes),
         "--num_machines", str(dist.num_machines),
         "--machine_rank", str(dist.machine_rank),
-        "--main_process_port", str(dist.main_process_port),
+        "--main_process_port", str(dist.main_process_port or (free_port() if dist.num_machines == 1 else 29500)),
         "--mixed_precision", "no",
         "--dynamo_backend", "no",
     ]

@@ -171,3 +171,21 @@ def test_launch_command_passes_the_rendezvous_and_the_overrides():
     assert flag("--num_processes") == "16" and flag("--num_machines") == "2"
     assert flag("--machine_rank") == "1" and flag("--main_process_ip") == "10.0.0.1"
     assert cmd[-4:] == ["train", "dist=zero2", "dist.num_processes=16", "run.name=job"]
+    assert flag("--main_process_port") == "29500"  # across machines every node needs the same port
+
+
+def test_one_machine_launch_takes_a_free_port_unless_one_is_set():
+    """Two runs on one box must not both try port 29500."""
+    import socket
+
+    def port(*overrides: str) -> int:
+        cmd = launch_command(load_config(["dist=ddp", "dist.num_processes=2", *overrides]), [], None)
+        return int(cmd[cmd.index("--main_process_port") + 1])
+
+    with socket.socket() as busy:
+        try:
+            busy.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass  # someone else holds it: just as good
+        assert port() != 29500
+    assert port("dist.main_process_port=23456") == 23456
