@@ -145,22 +145,21 @@ class RunConfig(_Strict):
     def _dist_supports_method(self):
         """Refuse, before anything loads, the combinations that would train silently wrong."""
         dist, method = self.dist.name, self.method.name
-        if method in ("losia", "losia_pro") and self.dist.shards_weights:
-            # Write-through changes W every step; FSDP / ZeRO-3 shard W (that needs the method
-            # page's delta form, which this version does not have).
+        if method in ("losia", "losia_pro") and dist == "zero3":
+            # FSDP2 runs the delta form on DTensors; ZeRO-3's flat partitions would need their own
+            # gather / write-back and master-weight mapping for the block moves.
             raise ValueError(
-                f"dist={dist} shards the full weights that {method} writes its block into after every "
-                "step; use dist=ddp or dist=zero2 (the subnet's gradients and optimizer state are small "
-                "already, so ZeRO-3 would save little)"
+                f"dist=zero3 with {method} is not supported; use dist=fsdp to shard the weights, or "
+                "dist=zero2 (the subnet's gradients and optimizer state are small already)"
             )
         if method == "galore" and dist not in ("single", "ddp"):
             raise ValueError(f"dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp")
         if self.dist.shards_weights:
             if method == "pissa":
                 raise ValueError(f"dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2")
-            if self.train.save_every:
-                raise ValueError(f"train.save_every: checkpoints under dist={dist} are not supported yet; "
-                                 "use dist=ddp or dist=zero2 for resumable runs")
+            if self.train.save_every and dist == "zero3":
+                raise ValueError("train.save_every: checkpoints under dist=zero3 are not supported yet; "
+                                 "use dist=fsdp, ddp or zero2 for resumable runs")
         return self
 
     def run_dir(self) -> Path:

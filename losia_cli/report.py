@@ -378,6 +378,9 @@ def figures(runs: list[Run], single: bool) -> list[tuple[str, str, object]]:
             ("memory.png", "Peak memory as logged per step (CUDA allocated on GPU, process RSS on CPU).",
              curves_figure([run], "peak_mem_bytes", f"peak memory: {run.label}", "peak memory ({unit})")),
         ]
+        if _series(run.metrics, "grad_norm")[0]:  # logged when clipping is on
+            out.append(("grad_norm.png", "Gradient norm before clipping, per step; re-localizations are marked.",
+                        curves_figure([run], "grad_norm", f"gradient norm: {run.label}", "L2 norm", events)))
         if run.subnets:
             end = max(run.metrics[-1]["step"], (run.report or {}).get("total_steps") or 0)
             for kind, layers in sorted(occupancy(run.subnets, end).items()):

@@ -1,6 +1,7 @@
 """Multi-process training on CPU (gloo, 2 processes) through `losia train ... dist=...`: DDP and
-ZeRO-2 match one process, only the subnet is all-reduced, a preempted run resumes bit-exactly, and
-FSDP / ZeRO-3 train the methods they support. Each run relaunches the CLI, as a user would."""
+ZeRO-2 match one process, only the subnet is all-reduced, a preempted run resumes bit-exactly (DDP,
+FSDP, single), and FSDP (LoSiA in its delta form) / ZeRO-3 train what DDP trains. Each run relaunches
+the CLI, as a user would."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
         "single-losia_pro": run(out, "single-losia_pro", *base, "method=losia_pro", "train.micro_batch_size=4"),
         "ddp-losia_pro": run(out, "ddp-losia_pro", *base, "method=losia_pro", "dist=ddp", *two),
         "zero2-losia_pro": run(out, "zero2-losia_pro", *base, "method=losia_pro", "dist=zero2", *two),
+        "fsdp-losia_pro": run(out, "fsdp-losia_pro", *base, "method=losia_pro", "dist=fsdp", *two),
         "ddp-lora": run(out, "ddp-lora", *base, "method=lora", "dist=ddp", *two),
         "ddp-full": run(out, "ddp-full", *base, "method=full", "dist=ddp", *two),
     }
@@ -109,12 +111,15 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{path} never reached {n} lines (exit {proc.poll()})")
 
 
-@pytest.mark.parametrize("method,dist", [("losia_pro", "ddp"), ("lora", "ddp"), ("losia_pro", "single")])
+@pytest.mark.parametrize(
+    "method,dist", [("losia_pro", "ddp"), ("lora", "ddp"), ("losia_pro", "fsdp"), ("losia_pro", "single")]
+)
 def test_preempted_run_resumes_bit_exactly(runs, tiny_llama_dir, method, dist):
     straight = runs[f"{dist}-{method}"]
     out = straight.parent
     name = f"preempted-{dist}-{method}"
-    batch = ["dist=ddp", "dist.num_processes=2", "train.micro_batch_size=2"] if dist == "ddp" else ["train.micro_batch_size=4"]
+    two = [f"dist={dist}", "dist.num_processes=2", "train.micro_batch_size=2"]
+    batch = ["train.micro_batch_size=4"] if dist == "single" else two
     args = [*common(tiny_llama_dir, out), f"method={method}", *batch]
     proc = losia(*args, f"run.name={name}")
     wait_for_lines(out / name / "metrics.jsonl", 1, proc)
@@ -133,22 +138,31 @@ def test_preempted_run_resumes_bit_exactly(runs, tiny_llama_dir, method, dist):
     assert blocks(straight) == blocks(resumed)
 
 
-@pytest.mark.parametrize("method,dist", [("full", "fsdp"), ("lora", "zero3")])
+@pytest.mark.parametrize("method,dist", [("losia_pro", "fsdp"), ("full", "fsdp"), ("lora", "zero3")])
 def test_sharded_weights_train_the_same_model(runs, tiny_llama_dir, method, dist):
+    """FSDP / ZeRO-3 train what DDP trains. LoSiA runs in its delta form there (W written only when a
+    block moves), on DTensor shards, and picks the same blocks."""
     out = runs["ddp-full"].parent
     base = [a for a in common(tiny_llama_dir, out) if not a.startswith("train.save_every")]
     two = [f"method={method}", "dist.num_processes=2", "train.micro_batch_size=2"]
-    got = run(out, f"{dist}-{method}", *base, f"dist={dist}", *two)
-    reference = run(out, f"{dist}-{method}-ddp", *base, "dist=ddp", *two)
+    if method == "losia_pro":  # both runs are in `runs` already
+        got, reference = runs["fsdp-losia_pro"], runs["ddp-losia_pro"]
+        assert blocks(got) == blocks(reference)
+    else:
+        got = run(out, f"{dist}-{method}", *base, f"dist={dist}", *two)
+        reference = run(out, f"{dist}-{method}-ddp", *base, "dist=ddp", *two)
     a, b = weights(reference), weights(got)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    # The norm clipping saw (pre-clip, logged per step) is the global one over the shards too.
+    norms = [torch.tensor([m["grad_norm"] for m in jsonl(d / "metrics.jsonl")]) for d in (reference, got)]
+    assert (norms[0] > 0).all()
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method=losia_pro", "dist=fsdp"], "dist=fsdp shards the full weights that losia_pro writes"),
-    (["method=losia", "dist=zero3"], "use dist=ddp or dist=zero2"),
+    (["method=losia_pro", "dist=zero3"], "dist=zero3 with losia_pro is not supported; use dist=fsdp"),
     (["method=galore", "dist=zero2"], "GaLore projects 2-D gradients"),
     (["method=lora", "dist=zero3", "train.save_every=5"], "train.save_every: checkpoints under dist=zero3"),
     (["dist.num_processes=2"], "dist=single runs one process"),

@@ -30,11 +30,11 @@ def random_block(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return rows, cols
 
 
-def dense_and_subnet(linear: nn.Linear, pro: bool, seed: int = 0):
+def dense_and_subnet(linear: nn.Linear, pro: bool, seed: int = 0, delta: bool = False):
     """A trainable dense copy (weight and bias) and a SubnetLinear over another copy, same values."""
     dense = copy.deepcopy(linear).requires_grad_(True)
     rows, cols = random_block(*linear.weight.shape, seed)
-    wrapped = SubnetLinear(copy.deepcopy(linear), rows, cols, pro=pro)
+    wrapped = SubnetLinear(copy.deepcopy(linear), rows, cols, pro=pro, delta=delta)
     if wrapped.bias is not None:
         wrapped.bias.requires_grad_(True)
     return dense, wrapped
@@ -83,6 +83,50 @@ def test_scoring_accumulates_the_full_gradient_over_micro_batches(pro):
     torch.testing.assert_close(
         wrapped.sub.grad, dense.weight.grad[wrapped.rows][:, wrapped.cols], atol=1e-6, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("scoring", [False, True], ids=["compact", "scoring"])
+@pytest.mark.parametrize("pro", [True, False], ids=["pro", "dense"])
+def test_delta_form_is_the_layer_write_through_would_give(pro, scoring):
+    """Delta form: W keeps the block it had when the block was chosen and the layer adds sub - W[R, C]
+    on the fly. Outputs and gradients equal a dense layer holding `sub` at [R, C], and W is untouched."""
+    # (sub moves by O(1), so fp32 rounding of the extra block GEMM is relative: rtol as well.)
+    dense, wrapped = dense_and_subnet(layer0_linears("qwen2")["q_proj"], pro, delta=True)  # with bias
+    rows, cols = wrapped.rows, wrapped.cols
+    with torch.no_grad():
+        wrapped.sub.add_(torch.randn_like(wrapped.sub))  # trained since the block was chosen
+        dense.weight[rows[:, None], cols] = wrapped.sub
+    stale = wrapped.weight.clone()
+    if scoring:
+        wrapped.start_scoring("param_mix", 0.85, 0.85)
+    (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (2, 5))
+    torch.testing.assert_close(y_sub, y_dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wrapped.bias.grad, dense.bias.grad, atol=1e-6, rtol=1e-6)
+    if scoring:  # the score weighs the full gradient by the weight the forward used
+        torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad, atol=1e-6, rtol=1e-6)
+        assert torch.equal(wrapped.scorer.weight, dense.weight)
+    assert torch.equal(wrapped.weight, stale)
+    x = torch.randn(3, dense.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), dense(x), atol=1e-6, rtol=1e-6)
+        wrapped.write_through()
+    assert torch.equal(wrapped.weight, dense.weight)
+
+
+def test_delta_form_under_bf16_autocast():
+    dense, wrapped = dense_and_subnet(layer0_linears("llama")["up_proj"], pro=True, delta=True)
+    with torch.no_grad():
+        wrapped.sub.add_(torch.randn_like(wrapped.sub))
+        dense.weight[wrapped.rows[:, None], wrapped.cols] = wrapped.sub
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (3, 7))
+    assert y_sub.dtype == torch.bfloat16 and wrapped.sub.grad.dtype == torch.float32
+    torch.testing.assert_close(y_sub, y_dense, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=5e-2, rtol=2e-2)
+    dense_block = dense.weight.grad[wrapped.rows][:, wrapped.cols]
+    torch.testing.assert_close(wrapped.sub.grad, dense_block, atol=5e-2, rtol=2e-2)
 
 
 def saved_tensor_shapes(module: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:

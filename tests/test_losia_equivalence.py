@@ -73,6 +73,26 @@ def block_mask(shape, rows, cols) -> torch.Tensor:
     return mask
 
 
+@pytest.mark.parametrize("name", ["losia_pro", "losia"])
+def test_delta_form_trains_like_write_through(name):
+    """The form FSDP runs (W written only when a block moves and at the end) trains the same model,
+    with the same blocks, as writing `sub` through into W after every step."""
+    steps = 20
+    runs = []
+    for sharded in (False, True):
+        records = []
+        model, method = build(total_steps=steps, records=records, ctx_kw={"sharded_weights": sharded}, name=name)
+        assert all(t.module.delta == sharded for t in method.targets)
+        train(model, method, make_optimizer(method), range(steps))
+        if sharded:  # until the end W still holds each block as it was when it was chosen
+            assert any(not torch.equal(t.module._effective(t.module.weight_oi), t.module.weight_oi)
+                       for t in method.targets)
+        method.finalize(model)
+        runs.append((model, method, records))
+    assert sum(r["source"] == "score" for r in runs[1][2]) >= 14 * 2
+    assert_same_run(*runs, atol=1e-6)
+
+
 def test_updates_stay_inside_the_block():
     records = []
     model, method = build(total_steps=30, records=records, name="losia_pro", dense_extras="none")

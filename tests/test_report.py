@@ -23,7 +23,7 @@ SHAPE = {"self_attn.q_proj": [16, 16], "mlp.down_proj": [16, 40]}
 
 
 def write_run(root: Path, name: str, method: str = "losia_pro", steps: int = 12, layers: int = 3,
-              period: int = 4, crashed: bool = False) -> tuple[Path, dict]:
+              period: int = 4, crashed: bool = False, grad_norm: bool = False) -> tuple[Path, dict]:
     """A run dir as the engine writes it: config.yaml, metrics.jsonl, subnets.jsonl, report.json."""
     run = root / name
     run.mkdir(parents=True)
@@ -35,6 +35,9 @@ def write_run(root: Path, name: str, method: str = "losia_pro", steps: int = 12,
     metrics = [{"step": s, "loss": 2.0 / s, "lr": 1e-3 * s / steps, "lr_groups": [1e-3 * s / steps, 5e-4],
                 "tokens": 512, "step_time_s": 0.5 + 0.01 * s, "tokens_per_s": 512 / (0.5 + 0.01 * s),
                 "peak_mem_bytes": 300 * 2**20 + s * 2**20} for s in range(1, steps + 1)]
+    if grad_norm:  # logged when clipping is on (older runs have no such key)
+        for m in metrics:
+            m["grad_norm"] = 3.0 / m["step"] ** 0.5
     lines = [json.dumps(m) for m in metrics]
     subnets = []
     if method.startswith("losia"):
@@ -84,11 +87,12 @@ def assert_pngs(out: Path, names: set[str]) -> str:
 
 
 def test_single_losia_run(tmp_path):
-    run, report = write_run(tmp_path, "demo")
+    run, report = write_run(tmp_path, "demo", grad_norm=True)
     page = build_report([run])
     assert page == run / "report" / "report.html"
     html = assert_pngs(run / "report", {"loss.png", "lr.png", "step_time.png", "memory.png", "churn.png",
-                                        "subnet_self_attn_q_proj.png", "subnet_mlp_down_proj.png"})
+                                        "grad_norm.png", "subnet_self_attn_q_proj.png",
+                                        "subnet_mlp_down_proj.png"})
     for value in ("123,456", "12.35%", "72.0 MiB", "0.543", "0.679", "941.3",
                   "321.0 MiB", "1.25", f"{report['final_loss']:.4f}", "61.5", "package:smollm2-135m",
                   "x86_64 CPU, 2 threads", "torch 2.13.0", "0123456789ab", "losia_pro"):
@@ -204,7 +208,7 @@ def test_report_on_a_real_tiny_losia_pro_run(tiny_config):
     report = json.loads((run / "report.json").read_text())
     kinds = {re.sub(r"^.*?layers\.\d+\.", "", json.loads(line)["module"]).removesuffix(".weight")
              for line in (run / "subnets.jsonl").read_text().splitlines()}
-    expected = {"loss.png", "lr.png", "step_time.png", "memory.png", "churn.png"}
+    expected = {"loss.png", "lr.png", "step_time.png", "memory.png", "churn.png", "grad_norm.png"}
     expected |= {"subnet_" + re.sub(r"[^A-Za-z0-9]+", "_", k) + ".png" for k in kinds}
     html = assert_pngs(out, expected)
     assert f"{report['final_loss']:.4f}" in html and f"{report['trainable_params']:,}" in html

@@ -3,6 +3,9 @@
 A checkpoint is written into a temp dir and renamed into place, so `latest()` only ever sees
 complete ones (a crash mid-write leaves only a `.step-N.tmp` dir, which it ignores); older ones beyond
 `keep_last_n` are pruned after a new one lands.
+
+Under FSDP, rank 0 writes the weights and the optimizer state gathered whole (torch.distributed.checkpoint's
+full state dicts), and every rank takes its shards back from them on resume.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from losia_cli import atomic
 from losia_cli.config import ConfigError
@@ -41,9 +52,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _unique_tensors(model) -> dict[str, torch.Tensor]:
-    """The state dict with tied weights (same memory) listed once, under their first name."""
+    """The state dict with tied weights (same tensor) listed once, under their first name."""
     unique, seen = {}, set()
     for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()  # identity is what counts here, not the values
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.numel() else name
         if key not in seen:
             seen.add(key)
@@ -51,22 +64,34 @@ def _unique_tensors(model) -> dict[str, torch.Tensor]:
     return unique
 
 
-def save_weights(model, path: Path) -> None:
+def _is_sharded(model) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_weights(model, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights (tied ones once); `state` is the gathered state dict of a sharded model."""
+    names = _unique_tensors(model)
+    tensors = names if state is None else {name: state[name] for name in names}
     # ZeRO turns trainable parameters into views of one flat buffer per group; safetensors stores
     # whole storages only, so such views are copied out (they are the small trainable tensors).
     tensors = {
         name: t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t.contiguous()
-        for name, t in _unique_tensors(model).items()
+        for name, t in tensors.items()
     }
     save_file(tensors, str(path))
 
 
 def load_weights(model, path: Path) -> None:
     tensors = load_file(str(path))
-    expected = _unique_tensors(model)
-    if set(tensors) != set(expected):
+    if set(tensors) != set(_unique_tensors(model)):
         raise ConfigError(f"{path} does not hold this model's weights (different parameter names)")
-    model.load_state_dict(tensors, strict=False)  # the tied names not listed share the loaded memory
+    if _is_sharded(model):  # every rank keeps its part of the whole tensors
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(tensors, strict=False)  # the tied names not listed share the loaded memory
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -88,6 +113,10 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     main, rank = accelerator.is_main_process, accelerator.process_index
     zero = deepspeed_optimizer(accelerator)
+    whole_model = whole_optimizer = None
+    if _is_sharded(model):  # collective: every rank takes part in gathering, rank 0 receives
+        whole_model = get_model_state_dict(model, options=_WHOLE)
+        whole_optimizer = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
     with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_dir_for(final)) as tmp:
         accelerator.wait_for_everyone()  # rank 0 has made the temp dir
         torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -95,8 +124,10 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
             torch.save(zero.state_dict(), tmp / f"optimizer-rank{rank}.pt")
         accelerator.wait_for_everyone()
         if main:
-            save_weights(model, tmp / "model.safetensors")
-            if zero is None:  # DDP / single: the optimizer state is the same on every rank
+            save_weights(model, tmp / "model.safetensors", whole_model)
+            if whole_optimizer is not None:
+                torch.save(whole_optimizer, tmp / "optimizer.pt")
+            elif zero is None:  # DDP / single: the optimizer state is the same on every rank
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(method.state_dict(), tmp / "method.pt")
             state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
@@ -123,6 +154,9 @@ def load(path: Path, accelerator, model, optimizer, method) -> dict:
     if zero is not None:
         shards = [torch.load(path / f"optimizer-rank{r}.pt", weights_only=False) for r in range(saved_world)]
         zero.load_state_dict(shards, load_from_fp32_weights=True)
+    elif _is_sharded(model):
+        whole = torch.load(path / "optimizer.pt", weights_only=False)
+        set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     # A different number of processes gets rank 0's RNG for the new ranks (no longer bit-exact anyway).

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 from rich.console import Console
 
@@ -134,6 +135,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         all_reduce_sum=lambda t: t.copy_(accelerator.reduce(t, reduction="sum")) if world > 1 else None,
         broadcast_from_main=lambda t: broadcast(t, from_process=0) if world > 1 else t,
         refresh_master_weights=lambda: (zero := deepspeed_optimizer(accelerator)) and zero.refresh_fp32_params(),
+        sharded_weights=cfg.dist.shards_weights,
     )
     method = build_method(cfg.method)
     model = method.prepare(model, ctx)
@@ -177,7 +179,6 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     method_time = 0.0
     wall0 = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    deepspeed = cfg.dist.deepspeed
     # SIGUSR1 / SIGTERM (Slurm preemption, time limit): checkpoint at the next step boundary, exit 75.
     with StopRequest().listening() as stop:
         model.train()
@@ -203,8 +204,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                     # undo both so the gradient is the mean over the step's target tokens.
                     accelerator.backward(loss * (tc.grad_accum * world / max(step_targets, 1)))
                 loss_sum += loss.detach()
-            if tc.max_grad_norm is not None and not deepspeed:  # DeepSpeed clips inside its own step
-                accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+            grad_norm = None
+            if tc.max_grad_norm is not None:
+                # The norm before clipping; under DeepSpeed only read: it clipped inside its own step.
+                grad_norm = _as_float(accelerator.clip_grad_norm_(trainable, tc.max_grad_norm))
             optimizer.step()  # under DeepSpeed a no-op: its step ran in the last backward
             optimizer.zero_grad(set_to_none=True)
             tm = time.perf_counter()
@@ -224,6 +227,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                     # The run's schedule; LoSiA's per-slot rewarm multipliers are in lr_groups.
                     "lr": tc.lr * schedule.factor(step),
                     "lr_groups": [g["lr"] for g in raw_optimizer.param_groups],
+                    "grad_norm": grad_norm,
                     "tokens": step_inputs,
                     "target_tokens": step_targets,
                     "step_time_s": step_time,
@@ -243,6 +247,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                 progress.close()
                 raise Preempted(done)
     progress.close()
+    method.finalize(accelerator.unwrap_model(model))
     sharded = cfg.dist.shards_weights
     in_sync = sharded or ranks_in_sync(accelerator, accelerator.unwrap_model(model))
     full_state = accelerator.get_state_dict(model) if sharded else None  # collective: gathers shards
@@ -296,6 +301,12 @@ def _model_flops_utilisation(device, params: int, tokens_per_s: float, world: in
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
     return 6 * params * tokens_per_s / (peak * world) if peak else None
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, DTensor):  # FSDP's norm of sharded gradients
+        value = value.full_tensor()
+    return None if value is None else float(value)
 
 
 def _any_rank(accelerator, flag: bool) -> bool:

@@ -9,6 +9,7 @@ The training loop (engine/loop.py) only ever talks to a method through this clas
         for micro_batch in ...: loss.backward()     # the method may capture things in backward
         opt.step(); opt.zero_grad()
         method.on_step(step, opt)                   # LoSiA: score, write-through, re-localize
+    method.finalize(model)                          # every rank
     plain = method.export(model)                    # what `final/` holds (save_pretrained)
 
 Everything a method needs to resume lives in `model.state_dict()` (buffers and parameters, e.g.
@@ -66,6 +67,8 @@ class TrainContext:
     # Call after changing trainable parameters outside the optimizer (LoSiA's re-localization): under
     # ZeRO the optimizer updates its own fp32 master copies, which must be re-read from the model.
     refresh_master_weights: Callable[[], None] = lambda: None
+    # FSDP / ZeRO-3 will shard the weights themselves (prepare() still sees them whole).
+    sharded_weights: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,6 +109,10 @@ class Method:
         pass
 
     # --- results ------------------------------------------------------------------------------
+    def finalize(self, model: nn.Module) -> None:
+        """On every rank after the last step, before the weights are gathered for `final/`: bring them
+        into their final form (LoSiA's delta form writes its blocks into W here)."""
+
     def export(self, model: nn.Module) -> nn.Module:
         """The model `final/` is written from with save_pretrained (a plain HF model for full FT)."""
         return model

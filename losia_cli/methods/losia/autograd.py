@@ -9,6 +9,10 @@ activation the dense layer would keep.
 
 In scoring mode the full X is kept instead and the full G^T X is added into the scorer's fp32
 accumulator in backward (so the micro-batches of one optimizer step sum); grad_sub is computed as above.
+
+Delta form (weights sharded by FSDP, where W is not written between re-localizations): W still
+holds the block as it was when the block was chosen, and the layer adds D = sub - W[R, C] on the fly:
+Y[..., R] += X[..., C] D^T and grad_X[..., C] += G[:, R] D, a p^2-sized GEMM each way.
 """
 
 from __future__ import annotations
@@ -19,30 +23,39 @@ import torch
 import torch.nn.functional as F
 
 
-def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc):
+def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc, delta):
     y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype
     compute_dtype = y.dtype
-    if grad_acc is None:
+    x_cols = None
+    if grad_acc is None or delta:
         # Indices are sorted and unique, so |C| = n means C = 0..n-1 (lm_head rows, p = 1): no copy.
-        keep = x if cols.numel() == x.shape[-1] else x.index_select(-1, cols)
-    else:
-        keep = x
+        x_cols = x if cols.numel() == x.shape[-1] else x.index_select(-1, cols)
+    d = None
+    if delta:
+        # W_eff[R, C] = sub in W's dtype, exactly what write-through would have stored there.
+        block = weight.detach().index_select(0, rows).index_select(1, cols)
+        d = (sub.detach().to(weight.dtype) - block).to(compute_dtype)
+        y = y.index_add(-1, rows, torch.matmul(x_cols.to(compute_dtype), d.t()))
+    keep = x if grad_acc is not None else x_cols
     # Keeping the activation in the compute dtype halves its memory under bf16 autocast.
-    ctx.save_for_backward(keep.to(compute_dtype), weight, rows, cols)
+    ctx.save_for_backward(keep.to(compute_dtype), weight, rows, cols, d)
     ctx.grad_acc = grad_acc
     ctx.sub_dtype = sub.dtype
     return y
 
 
 def _backward(ctx, grad_out):
-    kept, weight, rows, cols = ctx.saved_tensors
-    need_x, _, need_sub, _, _, need_bias, _ = ctx.needs_input_grad
+    kept, weight, rows, cols, d = ctx.saved_tensors
+    need_x, _, need_sub, _, _, need_bias, _, _ = ctx.needs_input_grad
     g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, m): every leading dim is a token dim
     kept2 = kept.reshape(-1, kept.shape[-1])
 
     grad_x = grad_sub = grad_bias = None
     if need_x:
-        grad_x = torch.mm(g2, weight).view(*grad_out.shape[:-1], weight.shape[1])
+        grad_x = torch.mm(g2, weight)
+        if d is not None:
+            grad_x.index_add_(1, cols, torch.mm(g2.index_select(1, rows), d))
+        grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
     if ctx.grad_acc is not None:
         # The dense weight gradient, only for the scoring layer: straight into the accumulator.
         if g2.dtype == ctx.grad_acc.dtype:
@@ -54,7 +67,7 @@ def _backward(ctx, grad_out):
         grad_sub = torch.mm(g2.index_select(1, rows).t(), kept_cols).to(ctx.sub_dtype)
     if need_bias:
         grad_bias = g2.sum(0)
-    return grad_x, None, grad_sub, None, None, grad_bias, None
+    return grad_x, None, grad_sub, None, None, grad_bias, None, None
 
 
 @functools.cache
@@ -80,10 +93,11 @@ def subnet_linear(
     cols: torch.Tensor,
     bias: torch.Tensor | None = None,
     grad_acc: torch.Tensor | None = None,
+    delta: bool = False,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) whose weight gradient lands only in `sub` (= weight[rows][:, cols]).
 
-    `weight` is (out, in) and must already hold `sub` at [rows, cols] (write-through); `sub` is only an
-    autograd handle here. With `grad_acc` (an fp32 (out, in) buffer) the layer is in scoring mode.
+    `weight` is (out, in) and must already hold `sub` at [rows, cols] (write-through), or `delta` adds
+    the difference on the fly. With `grad_acc` (an fp32 (out, in) buffer) the layer is in scoring mode.
     """
-    return _function_for(x.device.type).apply(x, weight, sub, rows, cols, bias, grad_acc)
+    return _function_for(x.device.type).apply(x, weight, sub, rows, cols, bias, grad_acc, delta)

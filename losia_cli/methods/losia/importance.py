@@ -39,14 +39,16 @@ class Scorer:
         self.grad_acc = torch.zeros(shape, dtype=torch.float32, device=device)
         self.ibar = torch.zeros(shape, dtype=torch.float32, device=device)
         self.ubar = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.weight: torch.Tensor | None = None  # the weight the step's forward used (set by the layer)
 
     @torch.no_grad()
-    def update(self, weight: torch.Tensor) -> None:
-        """One EMA step from the accumulated gradient and the weight the step's forward used.
+    def update(self, weight: torch.Tensor | None = None) -> None:
+        """One EMA step from the accumulated gradient and the weight the step's forward used (by
+        default the one the layer recorded).
 
         Works in place in `grad_acc` (no m x n temporaries) and leaves it zeroed for the next step.
         """
-        i_t = sensitivity_(self.grad_acc.mul_(weight), self.kind)
+        i_t = sensitivity_(self.grad_acc.mul_(self.weight if weight is None else weight), self.kind)
         self.ibar.lerp_(i_t, 1.0 - self.beta1)  # beta1 * ibar + (1 - beta1) * I_t
         self.ubar.lerp_(i_t.sub_(self.ibar).abs_(), 1.0 - self.beta2)
         self.grad_acc.zero_()

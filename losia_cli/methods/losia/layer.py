@@ -8,6 +8,10 @@ references, DDP buckets and checkpoints stay valid across re-localizations.
 Write-through: after every optimizer step the method copies `sub` into W[R, C]; the forward therefore
 always sees the trained weight in W itself and costs what a plain linear costs.
 
+Delta (`delta=True`, for FSDP, which shards W): W is written only when the block moves and at
+the end; in between, the forward adds sub - W[R, C] on the fly (autograd.py). Writes to W then go
+through `full_weights()`, which gathers the shards and writes them back.
+
 Modes (`mode`):
   compact  (Pro)      the compact autograd function, keeps X[..., C], computes only the block gradient;
   dense    (non-Pro)  plain autograd through W_eff = W with `sub` scattered into [R, C]: the dense weight
@@ -17,9 +21,12 @@ Modes (`mode`):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .autograd import subnet_linear
 from .importance import Scorer
@@ -32,7 +39,14 @@ def is_conv1d(module: nn.Module) -> bool:
 
 class SubnetLinear(nn.Module):
     def __init__(
-        self, base: nn.Module, rows: torch.Tensor, cols: torch.Tensor, *, pro: bool, fp32_sub: bool = True
+        self,
+        base: nn.Module,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        *,
+        pro: bool,
+        fp32_sub: bool = True,
+        delta: bool = False,
     ):
         super().__init__()
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
@@ -44,9 +58,10 @@ class SubnetLinear(nn.Module):
         device = self.weight.device
         self.register_buffer("rows", rows.to(device=device, dtype=torch.int64).clone())
         self.register_buffer("cols", cols.to(device=device, dtype=torch.int64).clone())
-        block = self._gather(self.rows, self.cols)
+        block = self.weight_oi.detach().index_select(0, self.rows).index_select(1, self.cols)
         self.sub = nn.Parameter(block.float() if fp32_sub else block.clone())
         self.pro = pro
+        self.delta = delta
         self.scorer: Scorer | None = None
 
     # --- shapes --------------------------------------------------------------------------------------
@@ -72,21 +87,26 @@ class SubnetLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"out={self.out_features}, in={self.in_features}, block={tuple(self.sub.shape)}, "
-            f"bias={self.bias is not None}, mode={self.mode}"
+            f"bias={self.bias is not None}, mode={self.mode}{', delta' if self.delta else ''}"
         )
 
     # --- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_oi
         if not (torch.is_grad_enabled() and self.sub.requires_grad):
-            # Evaluation, or the no-grad first pass of reentrant checkpointing: W already holds `sub`.
-            return F.linear(x, weight, self.bias)
+            # Evaluation, or the no-grad first pass of reentrant checkpointing: W holds `sub` (or,
+            # in delta form, takes it here).
+            return F.linear(x, self._effective(weight) if self.delta else weight, self.bias)
+        if self.scorer is not None:
+            # The score weighs the step's gradient by the weight its forward used; with write-through
+            # W itself still holds that at on_step, in delta form only this copy does.
+            self.scorer.weight = self._effective(weight.detach()) if self.delta else weight
         if self.pro:
             grad_acc = None if self.scorer is None else self.scorer.grad_acc
-            return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc)
+            return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc, self.delta)
         # Dense reference: numerically W_eff == W (write-through), but autograd now routes the [R, C]
         # slice of the dense gradient to `sub` and nothing to the frozen W.
-        w_eff = weight.index_put((self.rows[:, None], self.cols), self.sub.to(weight.dtype))
+        w_eff = self._effective(weight)
         if self.scorer is not None:
             grad_acc = self.scorer.grad_acc
 
@@ -96,25 +116,45 @@ class SubnetLinear(nn.Module):
             w_eff.register_hook(add_to_score)
         return F.linear(x, w_eff, self.bias)
 
+    def _effective(self, weight: torch.Tensor) -> torch.Tensor:
+        """W with `sub` at [R, C] (a new tensor; autograd reaches `sub` through it)."""
+        return weight.index_put((self.rows[:, None], self.cols), self.sub.to(weight.dtype))
+
     # --- between steps -------------------------------------------------------------------------------
-    def _gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return self.weight_oi.detach().index_select(0, rows).index_select(1, cols)
+    @contextlib.contextmanager
+    def full_weights(self):
+        """(W as out x in, `sub`), whole and writable, written back to this rank's shards on exit.
+
+        Under FSDP2 both are DTensors sharded over the ranks; this is then a collective, entered by
+        every rank for the same layers in the same order.
+        """
+        if not isinstance(self.weight, DTensor):
+            yield self.weight_oi, self.sub
+            return
+        weight, sub = self.weight.full_tensor(), self.sub.full_tensor()
+        yield (weight.t() if self.transposed else weight), sub
+        for param, full in ((self.weight, weight), (self.sub, sub)):
+            _store_shard(param, full)
 
     @torch.no_grad()
     def write_through(self) -> None:
         """W[R, C] <- sub, in W's dtype."""
-        weight = self.weight_oi
-        weight.index_put_((self.rows[:, None], self.cols), self.sub.to(weight.dtype))
+        with self.full_weights() as (weight, sub):
+            weight.index_put_((self.rows[:, None], self.cols), sub.to(weight.dtype))
 
     @torch.no_grad()
-    def set_block(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Move the block (W must already hold the trained `sub`); indices and `sub` change in place."""
-        self.rows.copy_(rows)
-        self.cols.copy_(cols)
-        self.sub.copy_(self._gather(self.rows, self.cols))
+    def move_block(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Write the trained block into W, then train (rows, cols) from W's values there; indices and
+        `sub` change in place."""
+        with self.full_weights() as (weight, sub):
+            weight.index_put_((self.rows[:, None], self.cols), sub.to(weight.dtype))
+            self.rows.copy_(rows)
+            self.cols.copy_(cols)
+            sub.copy_(weight.index_select(0, rows).index_select(1, cols))
 
     def start_scoring(self, kind: str, beta1: float, beta2: float) -> None:
         self.scorer = Scorer(tuple(self.weight_oi.shape), self.weight.device, kind, beta1, beta2)
+        self.scorer.weight = self.weight_oi  # until a forward says otherwise (see forward)
 
     def stop_scoring(self) -> None:
         self.scorer = None
@@ -130,3 +170,9 @@ class SubnetLinear(nn.Module):
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
+
+
+def _store_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` into the sharded DTensor `param` (no communication)."""
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.to_local().copy_(shard.to_local())

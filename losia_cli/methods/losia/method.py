@@ -80,6 +80,7 @@ class LosiaMethod(Method):
         self.rewarm: Rewarm | None = None
         self.relocalization_time_s = 0.0  # scoring -> new block, summed over the run (report.json)
         self.rank_disagreements = 0  # blocks a rank chose differently from rank 0 (must stay 0)
+        self.delta = False
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -87,6 +88,8 @@ class LosiaMethod(Method):
         (`model.to(dtype)` afterwards would also cast the fp32 `sub` masters)."""
         super().prepare(model, ctx)
         cfg = self.cfg
+        # FSDP / ZeRO-3 shard W: write it only when a block moves (the delta form), not every step.
+        self.delta = ctx.sharded_weights
         model.requires_grad_(False)
 
         head = output_head(model)
@@ -120,7 +123,7 @@ class LosiaMethod(Method):
                 rows, cols = magnitude_block(weight, k_rows, k_cols)
             else:
                 rows, cols = random_block(m, n, k_rows, k_cols, generator)
-            wrapped = SubnetLinear(module, rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub)
+            wrapped = SubnetLinear(module, rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub, delta=self.delta)
             model.set_submodule(name, wrapped)
             self.targets.append(Target(name, wrapped, slot_of[layers[name]], layers[name], p))
 
@@ -205,9 +208,10 @@ class LosiaMethod(Method):
                 self.ctx.all_reduce_sum(scorer.grad_acc)
                 if self.ctx.world_size > 1:
                     scorer.grad_acc.div_(self.ctx.world_size)
-                scorer.update(t.module.weight_oi)
-        for t in self.targets:
-            t.module.write_through()
+                scorer.update()
+        if not self.delta:
+            for t in self.targets:
+                t.module.write_through()
         started = time.perf_counter()
         slots = self.slot_schedule.relocalizing_slots(step)
         for slot in slots:
@@ -249,7 +253,7 @@ class LosiaMethod(Method):
                 rows, cols = agreed[:k_rows], agreed[k_rows:]
         total = float(score.sum())
         overlap = block_overlap(module.rows, module.cols, rows, cols)
-        module.set_block(rows, cols)
+        module.move_block(rows, cols)
         module.stop_scoring()  # frees the EMAs
         share = mass / total if total > 0 else 0.0
         self._log(target, step=step + 1, score_mass=share, overlap=overlap, source="score")
@@ -310,11 +314,20 @@ class LosiaMethod(Method):
 
     # --- results ------------------------------------------------------------------------------
     @torch.no_grad()
+    def finalize(self, model: nn.Module) -> None:
+        for t in self.targets:
+            t.module.write_through()  # the delta form's pending blocks; a no-op change otherwise
+
+    @torch.no_grad()
     def export(self, model: nn.Module) -> nn.Module:
         """A plain model (nn.Linear / Conv1D again) that shares W, b and every other tensor with `model`.
 
         `model` is left as it was, so training can go on. Pass the unwrapped model (not DDP's wrapper).
+        Sharded (FSDP / ZeRO-3) training saves from the gathered state dict instead (`save`), so the
+        sharded module tree is returned as it is.
         """
+        if self.delta:
+            return model
         for t in self.targets:
             t.module.write_through()  # idempotent; W already holds `sub` after every on_step
         # Copy the module tree only: tensors and the wrappers themselves map to the originals.
@@ -324,6 +337,12 @@ class LosiaMethod(Method):
         for t in self.targets:
             plain.set_submodule(t.name, t.module.to_plain())
         return plain
+
+    def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
+        if state_dict is not None:  # gathered from shards: W holds the blocks (finalize); drop the rest
+            wrapper_only = {f"{t.name}.{key}" for t in self.targets for key in ("sub", "rows", "cols")}
+            state_dict = {key: value for key, value in state_dict.items() if key not in wrapper_only}
+        super().save(exported, path, state_dict)
 
     def describe(self) -> dict:
         info = super().describe()
