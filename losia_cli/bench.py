@@ -50,7 +50,9 @@ from losia_cli.engine.records import device_name, versions
 from losia_cli.methods.base import Method, TrainContext, WarmupCosine
 from losia_cli.models import DTYPES
 
-METHODS = ["floor", "full", "lora", "dora", "pissa", "galore", "losia", "losia_pro"]
+# losia_pro_delta: LoSiA-Pro in the delta form FSDP runs (W written only when a block moves), here in
+# one process, to price that form against write-through.
+METHODS = ["floor", "full", "lora", "dora", "pissa", "galore", "losia", "losia_pro", "losia_pro_delta"]
 
 _LLAMA = dict(hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=4096)
 # Random-weight shapes (only the shape matters for speed and memory). The two small Llamas keep an
@@ -142,14 +144,14 @@ def make_method(name: str, lora_rank: int, rank_factor: float | None, period: in
             import galore_torch  # noqa: F401
         except ImportError:
             raise BenchError("method galore needs the package galore-torch: pip install galore-torch") from None
-    elif name in ("losia", "losia_pro"):
+    elif name in ("losia", "losia_pro", "losia_pro_delta"):
         from losia_cli.methods.losia import LosiaConfig
 
         # Parameter parity with LoRA (method doc 3.2): without a rank factor, size each block like LoRA-r.
         extra = {"rank_factor": rank_factor} if rank_factor is not None else {"lora_rank": lora_rank}
         if period is not None:
             extra["period"] = period
-        cfg = LosiaConfig(name=name, **extra)
+        cfg = LosiaConfig(name=name.removesuffix("_delta"), **extra)
     else:
         raise BenchError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
     return build_method(cfg)
@@ -192,7 +194,8 @@ class Runner:
         self.name = name
         self.device = torch.device(spec["device"])
         total = spec["warmup"] + spec["steps"]
-        ctx = TrainContext(schedule=WarmupCosine(total_steps=total), total_steps=total, seed=spec["seed"])
+        ctx = TrainContext(schedule=WarmupCosine(total_steps=total), total_steps=total, seed=spec["seed"],
+                           sharded_weights=name.endswith("_delta"))
         self.method = make_method(name, spec["lora_rank"], spec["rank_factor"], spec.get("period"))
         model = build_model(spec["model"], spec["device"], spec["dtype"], spec["seed"])
         self.model = self.method.prepare(model, ctx)
@@ -504,7 +507,9 @@ _MEMORY_LABELS = {
 
 def _bar_color(name: str) -> str:
     # LoSiA methods stand out; the floor (a bound, not a method) is grey.
-    return {"floor": "0.65", "losia": "tab:orange", "losia_pro": "tab:red"}.get(name, "tab:blue")
+    if name.startswith("losia_pro"):
+        return "tab:red"
+    return {"floor": "0.65", "losia": "tab:orange"}.get(name, "tab:blue")
 
 
 def _num(v: float) -> str:

@@ -29,7 +29,7 @@ FIELDS = ("median_step_s", "p95_step_s", "mean_step_s", "tokens_per_s", "trainab
 
 
 def test_run_bench_micro_fields_and_ratios():
-    methods = ["floor", "full", "lora"] + (["losia_pro"] if _has_losia() else [])
+    methods = ["floor", "full", "lora"] + (["losia_pro", "losia_pro_delta"] if _has_losia() else [])
     report = run_bench(MICRO, methods, batch=2, seq=16, steps=2, warmup=1, rss=False)
     meta, results = report["meta"], report["results"]
     assert {"date", "command", "device", "versions"} <= set(meta) and meta["versions"]["torch"]
@@ -51,6 +51,8 @@ def test_run_bench_micro_fields_and_ratios():
     assert 0 < lora["trainable_params"] < full["trainable_params"]
     if "losia_pro" in results:  # parameter parity with LoRA at the same rank (method doc 3.2)
         assert results["losia_pro"]["trainable_params"] == pytest.approx(lora["trainable_params"], rel=0.2)
+        # The delta form trains the same blocks; only when W is written differs.
+        assert results["losia_pro_delta"]["trainable_params"] == results["losia_pro"]["trainable_params"]
 
 
 def test_run_bench_sequential_mode_and_bad_input():

@@ -33,9 +33,9 @@ def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc, delta):
     d = None
     if delta:
         # W_eff[R, C] = sub in W's dtype, exactly what write-through would have stored there.
-        block = weight.detach().index_select(0, rows).index_select(1, cols)
+        block = weight.detach()[rows[:, None], cols]  # one p^2 gather, no |R| x n intermediate
         d = (sub.detach().to(weight.dtype) - block).to(compute_dtype)
-        y = y.index_add(-1, rows, torch.matmul(x_cols.to(compute_dtype), d.t()))
+        y.index_add_(-1, rows, torch.matmul(x_cols.to(compute_dtype), d.t()))
     keep = x if grad_acc is not None else x_cols
     # Keeping the activation in the compute dtype halves its memory under bf16 autocast.
     ctx.save_for_backward(keep.to(compute_dtype), weight, rows, cols, d)
