@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,16 @@ def test_preempted_run_resumes_bit_exactly(runs, tiny_llama_dir, method, dist):
     assert blocks(straight) == blocks(resumed)
 
 
+def test_fsdp_checkpoint_resumes_only_under_fsdp(runs, tiny_llama_dir, tmp_path):
+    """Its W lacks the blocks trained since they last moved (delta form) and its optimizer state is
+    keyed by name: continuing it under DDP would be silently wrong, so it is refused."""
+    shutil.copytree(runs["fsdp-losia_pro"], tmp_path / "moved", ignore=shutil.ignore_patterns("final", "report.json"))
+    two = ["dist=ddp", "dist.num_processes=2", "train.micro_batch_size=2"]
+    proc = losia(*common(tiny_llama_dir, tmp_path), "method=losia_pro", *two, "run.name=moved", "run.resume=auto")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "was written under dist=fsdp; resume it the same way" in log
+
+
 @pytest.mark.parametrize("method,dist", [("losia_pro", "fsdp"), ("full", "fsdp"), ("lora", "zero3")])
 def test_sharded_weights_train_the_same_model(runs, tiny_llama_dir, method, dist):
     """FSDP / ZeRO-3 train what DDP trains. LoSiA runs in its delta form there (W written only when a
@@ -148,6 +159,8 @@ def test_sharded_weights_train_the_same_model(runs, tiny_llama_dir, method, dist
     if method == "losia_pro":  # both runs are in `runs` already
         got, reference = runs["fsdp-losia_pro"], runs["ddp-losia_pro"]
         assert blocks(got) == blocks(reference)
+        # Really sharded (accelerate's own FSDP would fall back to DDP on CPU): DTensor parameters.
+        assert json.loads((got / "checkpoints" / "step-8" / "trainer_state.json").read_text())["sharded"]
     else:
         got = run(out, f"{dist}-{method}", *base, f"dist={dist}", *two)
         reference = run(out, f"{dist}-{method}-ddp", *base, "dist=ddp", *two)

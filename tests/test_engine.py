@@ -103,12 +103,12 @@ def test_crash_mid_checkpoint_leaves_nothing_resume_would_pick(tiny_config, tmp_
 
     real_save, calls = checkpoint.save_weights, {"n": 0}
 
-    def die_while_writing_the_second(model, path):
+    def die_while_writing_the_second(model, path, state=None):
         calls["n"] += 1
         if calls["n"] == 2:
             path.write_bytes(b"the first bytes of a safetensors file")
             raise RuntimeError("simulated crash mid-checkpoint")
-        real_save(model, path)
+        real_save(model, path, state)
 
     monkeypatch.setattr(checkpoint, "save_weights", die_while_writing_the_second)
     with pytest.raises(RuntimeError, match="mid-checkpoint"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -71,10 +72,17 @@ def _is_sharded(model) -> bool:
 _WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def whole_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """Collective: a sharded model's full state dict (tied weights once) on rank 0, {} elsewhere."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
+    state = get_model_state_dict(model, options=_WHOLE)
+    return {name: state[name] for name in _unique_tensors(model) if name in state}
+
+
 def save_weights(model, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write the model's weights (tied ones once); `state` is the gathered state dict of a sharded model."""
-    names = _unique_tensors(model)
-    tensors = names if state is None else {name: state[name] for name in names}
+    """Write the model's weights (tied ones once); `state` is the whole_state_dict of a sharded model."""
+    tensors = _unique_tensors(model) if state is None else state
     # ZeRO turns trainable parameters into views of one flat buffer per group; safetensors stores
     # whole storages only, so such views are copied out (they are the small trainable tensors).
     tensors = {
@@ -115,7 +123,7 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
     zero = deepspeed_optimizer(accelerator)
     whole_model = whole_optimizer = None
     if _is_sharded(model):  # collective: every rank takes part in gathering, rank 0 receives
-        whole_model = get_model_state_dict(model, options=_WHOLE)
+        whole_model = whole_state_dict(accelerator, model)
         whole_optimizer = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
     with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_dir_for(final)) as tmp:
         accelerator.wait_for_everyone()  # rank 0 has made the temp dir
@@ -130,7 +138,8 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
             elif zero is None:  # DDP / single: the optimizer state is the same on every rank
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(method.state_dict(), tmp / "method.pt")
-            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes}
+            state = {**trainer_state, "step": step, "world_size": accelerator.num_processes,
+                     "sharded": whole_model is not None}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if main:
         for _, old in checkpoints(run_dir)[:-keep_last_n]:
@@ -144,6 +153,11 @@ def load(path: Path, accelerator, model, optimizer, method) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     saved_world, rank = state.get("world_size", 1), accelerator.process_index
     zero = deepspeed_optimizer(accelerator)
+    if state.get("sharded", False) != _is_sharded(model):
+        # LoSiA's delta form leaves blocks out of W until they move, and the optimizer state is keyed
+        # differently: such a checkpoint only continues under the same kind of set-up.
+        written = "dist=fsdp" if state.get("sharded") else "unsharded weights (single, ddp, zero2)"
+        raise ConfigError(f"run.resume: {path} was written under {written}; resume it the same way")
     if zero is not None and saved_world != accelerator.num_processes:
         raise ConfigError(
             f"run.resume: {path} holds ZeRO optimizer shards of {saved_world} processes; "
@@ -156,7 +170,13 @@ def load(path: Path, accelerator, model, optimizer, method) -> dict:
         zero.load_state_dict(shards, load_from_fp32_weights=True)
     elif _is_sharded(model):
         whole = torch.load(path / "optimizer.pt", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(model, optimizer, whole, options=options)
+        # A tensor with no saved state (LoSiA had just reset its moments) starts fresh again, not from
+        # the zero state the loader gives every parameter first.
+        for name, param in model.named_parameters():
+            if param.requires_grad and name not in whole["state"]:
+                optimizer.state.pop(param, None)
     else:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     # A different number of processes gets rank 0's RNG for the new ranks (no longer bit-exact anyway).

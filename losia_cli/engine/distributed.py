@@ -2,6 +2,10 @@
 
 Every process builds the same Accelerator from the same config; `losia train` has already relaunched
 itself through `accelerate launch` (losia_cli/launch.py) when more than one process is asked for.
+
+FSDP is applied here with torch's own FSDP2 (`fully_shard`), not through accelerate's plugin: accelerate
+only shards on CUDA and silently falls back to DDP elsewhere, and the same code path should run (and
+be tested) on CPU and GPU alike. The Accelerator then sees a plain distributed run.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from torch import nn
 
 from losia_cli.config import RunConfig
 
@@ -51,15 +56,25 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=30))]
     if cfg.dist.deepspeed:
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(cfg)
-    elif cfg.dist.name == "fsdp":
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            auto_wrap_policy="transformer_based_wrap",  # one shard unit per decoder block
-            reshard_after_forward=True,
-            state_dict_type="FULL_STATE_DICT",
-            cpu_ram_efficient_loading=False,
-        )
     return Accelerator(**kwargs)
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over all processes: one unit per decoder block (the classes the model names in
+    `_no_split_modules`), then the rest. Parameters become DTensor shards, so build the optimizer after."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    block_names = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"dist=fsdp: {type(model).__name__} names no decoder-block class (_no_split_modules)")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def deepspeed_optimizer(accelerator: Accelerator):

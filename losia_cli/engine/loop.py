@@ -25,7 +25,9 @@ from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.engine import checkpoint
-from losia_cli.engine.distributed import count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, ranks_in_sync
+from losia_cli.engine.distributed import (
+    count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, ranks_in_sync, shard_model,
+)
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import RunRecords, step_timings
@@ -143,6 +145,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         ctx.log_subnet = records.subnet
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fsdp = cfg.dist.name == "fsdp" and world > 1
+    if fsdp:  # before the optimizer exists: sharding swaps the parameter objects
+        model = shard_model(model, accelerator.device)
     groups = method.param_groups(tc.lr, tc.weight_decay)
     for group in groups:
         group.setdefault("base_lr", group["lr"])
@@ -153,7 +158,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     )
     optimizer = make_optimizer(groups, tc.lr, tc.betas, tc.eps)
     raw_optimizer = optimizer
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # sharded already; accelerate would wrap it in DDP on top
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     grad_sync = count_grad_sync_bytes(model)
 
@@ -248,9 +256,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                 raise Preempted(done)
     progress.close()
     method.finalize(accelerator.unwrap_model(model))
-    sharded = cfg.dist.shards_weights
+    sharded = fsdp or cfg.dist.name == "zero3"
     in_sync = sharded or ranks_in_sync(accelerator, accelerator.unwrap_model(model))
-    full_state = accelerator.get_state_dict(model) if sharded else None  # collective: gathers shards
+    full_state = checkpoint.whole_state_dict(accelerator, model) if sharded else None
     if main:
         final = method.export(accelerator.unwrap_model(model))
         with atomic.directory(run_dir / "final", overwrite=True) as tmp:

@@ -73,7 +73,6 @@ class LosiaMethod(Method):
         self.name = cfg.name
         self.targets: list[Target] = []
         self.slots: list[list[Target]] = []
-        self.extras: list[nn.Parameter] = []
         self.restarts: list[int | None] = []  # t_r per slot: update count when its block last moved
         self.next_step = 0  # the `step` the next on_step must carry
         self.slot_schedule: SlotSchedule | None = None
@@ -88,7 +87,7 @@ class LosiaMethod(Method):
         (`model.to(dtype)` afterwards would also cast the fp32 `sub` masters)."""
         super().prepare(model, ctx)
         cfg = self.cfg
-        # FSDP / ZeRO-3 shard W: write it only when a block moves (the delta form), not every step.
+        # FSDP shards W: write it only when a block moves (the delta form), not every step.
         self.delta = ctx.sharded_weights
         model.requires_grad_(False)
 
@@ -128,8 +127,7 @@ class LosiaMethod(Method):
             self.targets.append(Target(name, wrapped, slot_of[layers[name]], layers[name], p))
 
         self.slots = [[t for t in self.targets if t.slot == slot] for slot in range(len(slot_of))]
-        self.extras = self._dense_extras(model)
-        for param in self.extras:
+        for param in self._dense_extras(model):
             param.requires_grad_(True)
         self.slot_schedule = SlotSchedule(len(self.slots), cfg.period, sync=cfg.schedule == "sync")
         self.rewarm = Rewarm(ctx.schedule, cfg.rewarm_length, cfg.compat_reference_schedule)
@@ -149,6 +147,13 @@ class LosiaMethod(Method):
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
         return any(name == key or name.endswith("." + key) for key in targets)
+
+    @property
+    def extras(self) -> list[nn.Parameter]:
+        """The densely trained parameters: whatever requires grad besides the blocks. Looked up each
+        time, because FSDP swaps the parameter objects for sharded ones after prepare()."""
+        subs = {id(t.module.sub) for t in self.targets}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in subs]
 
     def _dense_extras(self, model: nn.Module) -> list[nn.Parameter]:
         policy = self.cfg.dense_extras
@@ -315,16 +320,17 @@ class LosiaMethod(Method):
     # --- results ------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self, model: nn.Module) -> None:
-        for t in self.targets:
-            t.module.write_through()  # the delta form's pending blocks; a no-op change otherwise
+        if self.delta:  # write-through has written every block already
+            for t in self.targets:
+                t.module.write_through()
 
     @torch.no_grad()
     def export(self, model: nn.Module) -> nn.Module:
         """A plain model (nn.Linear / Conv1D again) that shares W, b and every other tensor with `model`.
 
         `model` is left as it was, so training can go on. Pass the unwrapped model (not DDP's wrapper).
-        Sharded (FSDP / ZeRO-3) training saves from the gathered state dict instead (`save`), so the
-        sharded module tree is returned as it is.
+        Sharded (FSDP) training saves from the gathered state dict instead (`save`), so the sharded
+        module tree is returned as it is.
         """
         if self.delta:
             return model
