@@ -59,13 +59,14 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return Accelerator(**kwargs)
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 over all processes: one unit per decoder block (the classes the model names in
-    `_no_split_modules`), then the rest. Parameters become DTensor shards, so build the optimizer after."""
+    `_no_split_modules`), then the rest. Parameters become DTensor shards, so build the optimizer after.
+    The model is on its device already."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model.to(device)
+    device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     block_names = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]

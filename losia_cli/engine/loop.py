@@ -112,7 +112,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
     collate = make_collator(cfg.data, tokenizer)
     set_seed(cfg.seed)
-    model = load_model(cfg.model, model_path)
+    device = accelerator.device
+    # On its device before the method wraps it: LoSiA allocates its score buffers next to W.
+    model = load_model(cfg.model, model_path).to(device)
     model.config.use_cache = False
     global_micro = tc.micro_batch_size * world
     if len(data) < global_micro:
@@ -147,7 +149,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fsdp = cfg.dist.name == "fsdp" and world > 1
     if fsdp:  # before the optimizer exists: sharding swaps the parameter objects
-        model = shard_model(model, accelerator.device)
+        model = shard_model(model)
     groups = method.param_groups(tc.lr, tc.weight_decay)
     for group in groups:
         group.setdefault("base_lr", group["lr"])
@@ -162,7 +164,6 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         optimizer = accelerator.prepare(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
     grad_sync = count_grad_sync_bytes(model)
 
     start_step, state = 0, {}
