@@ -568,9 +568,8 @@ def plot_report(report: dict, path: str | Path) -> Path:
                  f"({cfg['steps']} {mode} steps, LoRA rank {cfg['lora_rank']})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a crash never leaves a truncated PNG
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic.file(path) as tmp:  # a crash never leaves a truncated PNG
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -99,7 +99,8 @@ def compose(overrides: list[str], root: Path | None = None):
     return cfg, recipe
 
 
-def load_config(overrides: list[str], root: Path | None = None):
+def load_config(overrides: list[str], root: Path | None = None, quiet: bool = False):
+    """Compose and validate; `quiet` leaves the validation notes unprinted (they were shown once)."""
     from omegaconf import OmegaConf, open_dict
 
     from losia_cli.config import validate
@@ -110,25 +111,29 @@ def load_config(overrides: list[str], root: Path | None = None):
         cfg.recipe = recipe
     notes: list[str] = []
     validated = validate(OmegaConf.to_container(cfg, resolve=True), notes)
-    for note in notes:
+    for note in [] if quiet else notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}")
     return validated
 
 
 # --- commands -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    if args.multirun:
+        return _multirun(args)
+    return _train_or_launch(load_config(args.overrides, args.recipes), args.overrides, args.recipes)
+
+
+def _train_or_launch(cfg, overrides: list[str], recipes: Path | None) -> int:
+    """Train `cfg` here, relaunch it over several processes, or run its continual stages; the exit code."""
     from losia_cli.engine.loop import name_run, train
     from losia_cli.launch import needs_launch, relaunch
 
-    if args.multirun:
-        return _multirun(args)
-    cfg = load_config(args.overrides, args.recipes)
     if cfg.stages:  # continual learning: one run per stage, see losia_cli/continual.py
         from losia_cli.continual import run_continual
         run_continual(cfg, console)
         return 0
     if needs_launch(cfg):
-        return relaunch(name_run(cfg), args.overrides, args.recipes)
+        return relaunch(name_run(cfg), overrides, recipes)
     train(cfg, console=console)
     return 0
 
@@ -167,8 +172,6 @@ class _SweepJob:
         from omegaconf import OmegaConf
 
         from losia_cli.config import validate
-        from losia_cli.engine.loop import train
-        from losia_cli.launch import needs_launch, relaunch
 
         hc = HydraConfig.get()
         raw = OmegaConf.to_container(cfg, resolve=True)
@@ -179,18 +182,13 @@ class _SweepJob:
             run_cfg = run_cfg.model_copy(
                 update={"run": run_cfg.run.model_copy(update={"name": name, "resume": run_cfg.run.resume or "auto"})}
             )
-        if run_cfg.stages:
-            from losia_cli.continual import run_continual
-            run_continual(run_cfg, console)
-        elif needs_launch(run_cfg):
-            overrides = list(hc.overrides.task)
-            if run_cfg.run.resume and not any(o.startswith("run.resume=") for o in overrides):
-                overrides.append(f"run.resume={run_cfg.run.resume}")
-            code = relaunch(run_cfg, overrides, self.recipes)
-            if code:
-                raise SystemExit(code)
-        else:
-            train(run_cfg, console=console)
+        # A relaunched worker composes from the overrides, so they carry what was filled in here.
+        overrides = list(hc.overrides.task)
+        if run_cfg.run.resume and not any(o.startswith("run.resume=") for o in overrides):
+            overrides.append(f"run.resume={run_cfg.run.resume}")
+        code = _train_or_launch(run_cfg, overrides, self.recipes)
+        if code:
+            raise SystemExit(code)
 
 
 def cmd_recipes(args) -> int:

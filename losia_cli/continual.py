@@ -44,6 +44,13 @@ def stage_dir(cfg: RunConfig, index: int) -> Path:
     return cfg.run_dir() / f"stage-{index + 1}-{cfg.stages[index].name}"
 
 
+def _model_at(cfg: RunConfig, weights: str):
+    """cfg.model pointed at `weights`; a previous stage's local dir takes no hub revision."""
+    if weights == cfg.model.name_or_path:
+        return cfg.model
+    return cfg.model.model_copy(update={"name_or_path": weights, "revision": None})
+
+
 def stage_config(cfg: RunConfig, index: int, weights: str) -> RunConfig:
     """The ordinary run config of stage `index`: the run's config with the stage's data and train
     overrides, starting from `weights`, writing to runs/<name>/stage-<i>-<stage>/."""
@@ -51,8 +58,7 @@ def stage_config(cfg: RunConfig, index: int, weights: str) -> RunConfig:
     raw = cfg.model_dump()
     raw["data"].update(stage.data.model_dump(exclude_unset=True))
     raw["train"].update(stage.train.model_dump(exclude_unset=True))
-    if weights != cfg.model.name_or_path:  # a previous stage's local dir: no hub revision applies
-        raw["model"].update(name_or_path=weights, revision=None)
+    raw["model"] = _model_at(cfg, weights).model_dump()
     raw["run"]["name"] = f"{cfg.run.name}/{stage_dir(cfg, index).name}"
     raw["eval"]["after_train"] = False  # the orchestrator evaluates, on the seen tasks
     raw["stages"] = None
@@ -127,9 +133,7 @@ def _evaluate(cfg: RunConfig, weights: str, specs: list[str], stage_cfgs: list[R
     """Scores of `specs`, the general-text loss and every stage's data loss for the model at `weights`."""
     from losia_cli.eval.command import run_eval
 
-    model_cfg = cfg.model
-    if weights != cfg.model.name_or_path:  # a stage's local dir: no hub revision applies
-        model_cfg = cfg.model.model_copy(update={"name_or_path": weights, "revision": None})
+    model_cfg = _model_at(cfg, weights)
     path = resolve_model_path(model_cfg)
     tokenizer = load_tokenizer(path, model_cfg.revision, model_cfg.trust_remote_code)
     model = load_model(model_cfg, path)

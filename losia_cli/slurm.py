@@ -118,24 +118,10 @@ def prepare(recipe: str, overrides: list[str], opts: SlurmOptions, recipes: Path
         words.append("dist=ddp")  # `single` is one process; more than one needs data parallelism
     words += [f"run.name={cfg.run.name}", "run.resume=auto"]
     # The same config the nodes will see (rank 0's), so a bad dist setting fails here too.
-    cfg = _validate_quietly([*words, *_dist_overrides(total, opts.nodes, "0", "127.0.0.1", "29500")], recipes)
+    cfg = load_config([*words, *_dist_overrides(total, opts.nodes, "0", "127.0.0.1", "29500")], recipes, quiet=True)
     if (cfg.run_dir() / "report.json").exists():
         raise SlurmError(f"{cfg.run_dir()} holds a finished run (report.json); choose another run.name")
     return words, cfg, total
-
-
-def _validate_quietly(words: list[str], recipes: Path | None):
-    """load_config without printing its notes a second time."""
-    from omegaconf import OmegaConf, open_dict
-
-    from losia_cli.cli import compose
-    from losia_cli.config import validate
-
-    cfg, recipe = compose(words, recipes)
-    with open_dict(cfg):
-        del cfg["hydra"]
-        cfg.recipe = recipe
-    return validate(OmegaConf.to_container(cfg, resolve=True), [])
 
 
 def _dist_overrides(total, nodes, rank, ip, port) -> list[str]:

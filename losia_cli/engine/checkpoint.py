@@ -125,7 +125,7 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
     if _is_sharded(model):  # collective: every rank takes part in gathering, rank 0 receives
         whole_model = whole_state_dict(accelerator, model)
         whole_optimizer = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
-    with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_dir_for(final)) as tmp:
+    with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_path_for(final)) as tmp:
         accelerator.wait_for_everyone()  # rank 0 has made the temp dir
         torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
         if zero is not None:

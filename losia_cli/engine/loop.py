@@ -164,11 +164,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
         optimizer = accelerator.prepare(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)  # without DDP's wrapper: what state dicts are read from
     grad_sync = count_grad_sync_bytes(model)
 
     start_step, state = 0, {}
     if resume_from:
-        state = checkpoint.load(Path(resume_from), accelerator, accelerator.unwrap_model(model), raw_optimizer, method)
+        state = checkpoint.load(Path(resume_from), accelerator, unwrapped, raw_optimizer, method)
         start_step = state["step"]
     if main and (resume_from or cfg.run.resume == "auto"):
         records.truncate_after(start_step)  # also drops the records of a run killed before its 1st checkpoint
@@ -225,7 +226,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_time = time.perf_counter() - t0
-            step_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(step_targets, 1)
+            # One all-reduce for the step's loss and for whether any rank was asked to stop (a signal
+            # may reach the ranks at different steps; they must all checkpoint at the same one).
+            stop_flag = torch.tensor(float(bool(stop)), device=device)
+            loss_total, stops = accelerator.reduce(torch.stack([loss_sum, stop_flag]), reduction="sum")
+            step_loss = float(loss_total) / max(step_targets, 1)
             for key, value in (("step_time_s", step_time), ("tokens", step_inputs), ("loss", step_loss)):
                 history[key].append(value)
             done = step + 1
@@ -246,22 +251,22 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
                 }
                 records.metric(metrics)
                 progress.update(done, metrics)
-            preempted = done < total_steps and _any_rank(accelerator, bool(stop))
+            preempted = done < total_steps and bool(stops)
             if preempted or (tc.save_every and done % tc.save_every == 0 and done < total_steps):
                 checkpoint.save(
-                    run_dir, done, accelerator, accelerator.unwrap_model(model), raw_optimizer, method,
+                    run_dir, done, accelerator, unwrapped, raw_optimizer, method,
                     {"history": history}, tc.keep_last_n,
                 )
             if preempted:
                 progress.close()
                 raise Preempted(done)
     progress.close()
-    method.finalize(accelerator.unwrap_model(model))
+    method.finalize(unwrapped)
     sharded = fsdp or cfg.dist.name == "zero3"
-    in_sync = sharded or ranks_in_sync(accelerator, accelerator.unwrap_model(model))
+    in_sync = sharded or ranks_in_sync(accelerator, unwrapped)
     full_state = checkpoint.whole_state_dict(accelerator, model) if sharded else None
     if main:
-        final = method.export(accelerator.unwrap_model(model))
+        final = method.export(unwrapped)
         with atomic.directory(run_dir / "final", overwrite=True) as tmp:
             method.save(final, tmp, full_state)
             tokenizer.save_pretrained(tmp)
@@ -316,10 +321,3 @@ def _as_float(value) -> float | None:
     if isinstance(value, DTensor):  # FSDP's norm of sharded gradients
         value = value.full_tensor()
     return None if value is None else float(value)
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    """True on every rank when it is true on one (a signal may reach the ranks at different steps)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum"))

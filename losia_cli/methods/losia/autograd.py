@@ -23,6 +23,11 @@ import torch
 import torch.nn.functional as F
 
 
+def block_of(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """W[R, C] as a new tensor: one p^2 gather, no |R| x n intermediate."""
+    return weight[rows[:, None], cols]
+
+
 def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc, delta):
     y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype
     compute_dtype = y.dtype
@@ -33,8 +38,7 @@ def _forward(ctx, x, weight, sub, rows, cols, bias, grad_acc, delta):
     d = None
     if delta:
         # W_eff[R, C] = sub in W's dtype, exactly what write-through would have stored there.
-        block = weight.detach()[rows[:, None], cols]  # one p^2 gather, no |R| x n intermediate
-        d = (sub.detach().to(weight.dtype) - block).to(compute_dtype)
+        d = (sub.detach().to(weight.dtype) - block_of(weight.detach(), rows, cols)).to(compute_dtype)
         y.index_add_(-1, rows, torch.matmul(x_cols.to(compute_dtype), d.t()))
     keep = x if grad_acc is not None else x_cols
     # Keeping the activation in the compute dtype halves its memory under bf16 autocast.

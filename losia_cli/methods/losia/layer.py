@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .autograd import subnet_linear
+from .autograd import block_of, subnet_linear
 from .importance import Scorer
 
 
@@ -58,7 +58,7 @@ class SubnetLinear(nn.Module):
         device = self.weight.device
         self.register_buffer("rows", rows.to(device=device, dtype=torch.int64).clone())
         self.register_buffer("cols", cols.to(device=device, dtype=torch.int64).clone())
-        block = self.weight_oi.detach().index_select(0, self.rows).index_select(1, self.cols)
+        block = block_of(self.weight_oi.detach(), self.rows, self.cols)
         self.sub = nn.Parameter(block.float() if fp32_sub else block.clone())
         self.pro = pro
         self.delta = delta
@@ -97,10 +97,11 @@ class SubnetLinear(nn.Module):
             # Evaluation, or the no-grad first pass of reentrant checkpointing: W holds `sub` (or,
             # in delta form, takes it here).
             return F.linear(x, self._effective(weight) if self.delta else weight, self.bias)
-        if self.scorer is not None:
-            # The score weighs the step's gradient by the weight its forward used; with write-through
-            # W itself still holds that at on_step, in delta form only this copy does.
-            self.scorer.weight = self._effective(weight.detach()) if self.delta else weight
+        if self.delta and self.scorer is not None:
+            # The score weighs the step's gradient by the weight its forward used. With write-through
+            # W itself still holds that at on_step (start_scoring points the scorer at it); in the
+            # delta form W lacks the trained block, so the scorer keeps this copy.
+            self.scorer.weight = self._effective(weight.detach())
         if self.pro:
             grad_acc = None if self.scorer is None else self.scorer.grad_acc
             return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc, self.delta)
@@ -150,11 +151,11 @@ class SubnetLinear(nn.Module):
             weight.index_put_((self.rows[:, None], self.cols), sub.to(weight.dtype))
             self.rows.copy_(rows)
             self.cols.copy_(cols)
-            sub.copy_(weight.index_select(0, rows).index_select(1, cols))
+            sub.copy_(block_of(weight, rows, cols))
 
     def start_scoring(self, kind: str, beta1: float, beta2: float) -> None:
         self.scorer = Scorer(tuple(self.weight_oi.shape), self.weight.device, kind, beta1, beta2)
-        self.scorer.weight = self.weight_oi  # until a forward says otherwise (see forward)
+        self.scorer.weight = self.weight_oi  # the delta form replaces it in forward
 
     def stop_scoring(self) -> None:
         self.scorer = None
