@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.losia-installed
 # Tests and the demo never touch the Hugging Face hub.
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast clean
 
 # torch is installed first and on its own, then pinned by constraints.txt, so pip never swaps the
 # CPU build for a CUDA one (GPU users: see README, "Installing on a GPU machine").

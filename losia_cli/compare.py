@@ -4,7 +4,6 @@ write one table (quality, time, memory, forgetting) to runs/compare-<stamp>/comp
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -22,10 +21,12 @@ def _general_text_loss_of_base(cfg) -> float:
 
 
 def compare(methods: list[str], overrides: list[str], console: Console, recipes: Path | None = None) -> Path:
-    from losia_cli.cli import load_config
+    from losia_cli.compose import load_config
     from losia_cli.engine.loop import train
+    from losia_cli.engine.rundir import timestamp
+    from losia_cli.eval.forgetting import forgetting_delta
 
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = timestamp()
     configs = [  # validate every method's config before training any of them
         load_config([*overrides, f"method={m}", f"run.name=compare-{stamp}-{m}", "eval.after_train=true",
                      "eval.forgetting=true"], recipes)
@@ -37,7 +38,7 @@ def compare(methods: list[str], overrides: list[str], console: Console, recipes:
         run_dir = train(cfg, console=console)
         report = json.loads((run_dir / "report.json").read_text())
         evaluation = json.loads((run_dir / "eval" / "results.json").read_text())
-        after = evaluation["config"]["general_text_loss"]["loss"]
+        after = evaluation["config"]["general_text_loss"]
         rows.append({
             "method": cfg.method.name,
             "run_dir": str(run_dir),
@@ -47,7 +48,7 @@ def compare(methods: list[str], overrides: list[str], console: Console, recipes:
             "peak_mem_bytes": report["peak_mem_bytes"],
             "optimizer_state_bytes": report["optimizer_state_bytes"],
             "tasks": {t: r["metrics"] for t, r in evaluation["tasks"].items()},
-            "forgetting_delta": after - base_loss,  # general-text loss after - before; > 0 = forgot
+            "forgetting_delta": forgetting_delta(base_loss, after),
         })
     out = Path(configs[0].run.output_dir) / f"compare-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from losia_cli.errors import MergeError, ModelError
 from losia_cli.resources import cache_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model that cannot be resolved or loaded; the message names what and why."""
 
 
 class ModelConfig(BaseModel):
@@ -151,3 +148,53 @@ def load_model(cfg: ModelConfig, path: str):
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg.name_or_path}': {str(e).splitlines()[0]}") from None
     return model
+
+
+def probe_tokens(model) -> torch.Tensor:
+    """Fixed token ids for the verification forward pass, valid for any vocabulary size."""
+    return (torch.arange(1, 17) * 7919 % model.config.vocab_size).unsqueeze(0)
+
+
+def run_config(run_dir: Path) -> dict:
+    """The config.yaml a finished or running `losia train` wrote into its run dir."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise MergeError(f"{run_dir} is not a losia run dir (no config.yaml)")
+    return yaml.safe_load(path.read_text())
+
+
+def load_plain(path: Path, dtype=torch.float32):
+    """A plain Hugging Face model dir, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # safetensors/transformers raise many types for a damaged dir
+        raise MergeError(f"cannot read the model in {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_run_model(run_dir: Path):
+    """(the run's trained model in fp32 with any PEFT adapter folded in, its tokenizer, the adapter
+    model's logits on `probe_tokens` before folding (None without an adapter))."""
+    from transformers import AutoTokenizer
+
+    from losia_cli.methods import exports_adapter
+
+    config = run_config(run_dir)
+    final = run_dir / "final"
+    if not final.is_dir():
+        hint = " (it has checkpoints: resume it to the end first)" if (run_dir / "checkpoints").is_dir() else ""
+        raise MergeError(f"{run_dir} has no final/ : the run did not finish{hint}")
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    if not exports_adapter(config["method"]["name"]):
+        return load_plain(final), tokenizer, None
+
+    from peft import PeftModel
+
+    base = load_plain(Path(resolve_model_path(ModelConfig(**config["model"]))))
+    adapted = PeftModel.from_pretrained(base, final)
+    with torch.no_grad():
+        reference = adapted(probe_tokens(base)).logits  # the adapter model, before folding
+    return adapted.merge_and_unload(), tokenizer, reference

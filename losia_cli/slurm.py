@@ -23,14 +23,11 @@ from pathlib import Path
 
 from losia_cli import atomic
 from losia_cli.engine.preemption import PREEMPTED_EXIT_CODE  # checkpoint written: requeue me
+from losia_cli.errors import SlurmError
 
 # Set by the script on every node; the user cannot override them (they come from the allocation).
 MANAGED_KEYS = ("run.resume", "dist.num_processes", "dist.num_machines", "dist.machine_rank",
                 "dist.main_process_ip", "dist.main_process_port")
-
-
-class SlurmError(ValueError):
-    """A bad `losia slurm` option, or sbatch missing / refusing the job."""
 
 
 @dataclass
@@ -106,8 +103,8 @@ def prepare(recipe: str, overrides: list[str], opts: SlurmOptions, recipes: Path
 
     Validation happens here, on the login node, so a typo fails now and not after hours in the queue.
     """
-    from losia_cli.cli import load_config
-    from losia_cli.engine.loop import name_run
+    from losia_cli.compose import load_config
+    from losia_cli.engine.rundir import name_run
 
     _check_options(opts)
     words = [_recipe_override(recipe), *_user_overrides(overrides)]

@@ -47,7 +47,7 @@ def tiny_llama_dir(smollm2_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tiny_llama_dir, tmp_path):
     """Build a validated RunConfig for a short run of the tiny Llama on the bundled math samples."""
-    from losia_cli.cli import load_config
+    from losia_cli.compose import load_config
 
     def make(name: str, *overrides: str):
         return load_config([

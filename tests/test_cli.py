@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from losia_cli.cli import load_config, main, recipe_names
+from losia_cli.cli import main
+from losia_cli.compose import load_config, recipe_names
 
 PAPER_RECIPES = {"gemma2b_math", "llama2_7b_math", "llama2_7b_code", "llama2_7b_commonsense"}
 OFFLINE_RECIPES = {"smollm2_135m_math", "gemma3_270m_math"}

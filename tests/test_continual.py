@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from losia_cli.cli import load_config, main
+from losia_cli.cli import main
+from losia_cli.compose import load_config
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.continual import (
     backward_transfer,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from losia_cli.cli import load_config
+from losia_cli.compose import load_config
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.launch import launch_command
 

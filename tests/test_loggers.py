@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from losia_cli.cli import load_config, main
+from losia_cli.cli import main
+from losia_cli.compose import load_config
 from losia_cli.config import ConfigError
 from losia_cli.engine.records import RunRecords
 

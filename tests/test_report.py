@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from losia_cli.cli import main
-from losia_cli.report import build_report, occupancy
+from losia_cli.report import build_report
+from losia_cli.report.figures import occupancy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODULES = ["self_attn.q_proj", "mlp.down_proj"]

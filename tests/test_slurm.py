@@ -358,7 +358,7 @@ def test_real_slurm_requeue_resumes_the_run(slurm_cluster, tiny_llama_dir, tmp_p
 # --- Hydra sweeps through submitit ------------------------------------------------------------------
 def test_submitit_slurm_launcher_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from losia_cli.cli import compose
+    from losia_cli.compose import compose
 
     cfg, _ = compose(["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2",
                       "hydra.launcher.gpus_per_node=8", "hydra.launcher.timeout_min=600"])

@@ -1,6 +1,5 @@
-"""The one exception type for user-facing data problems."""
+"""The data pipeline's error type (defined with every user-facing error in losia_cli.errors)."""
 
+from losia_cli.errors import DataError
 
-class DataError(ValueError):
-    """A problem with the user's data or data config; the message is one line naming the culprit
-    (file:line, column, key or task), so the CLI can print it without a traceback."""
+__all__ = ["DataError"]

@@ -18,7 +18,6 @@ class Preempted(Exception):
 
     def __init__(self, step: int):
         super().__init__(f"preempted at step {step}: checkpoint written; resume with run.resume=auto")
-        self.step = step
 
 
 @contextlib.contextmanager

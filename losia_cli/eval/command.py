@@ -7,42 +7,13 @@ the eval prompt of a task is by construction the prompt it was trained on.
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-# Default evaluation split of each task whose standard benchmark is public on the hub.
-# Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
-DEFAULT_SOURCES = {
-    "humaneval": ("package:humaneval", None, "test"),
-    "gsm8k": ("hub:openai/gsm8k", "main", "test"),
-    "mbpp": ("hub:google-research-datasets/mbpp", "full", "test"),
-    "boolq": ("hub:google/boolq", None, "validation"),
-    "arc_e": ("hub:allenai/ai2_arc", "ARC-Easy", "test"),
-    "arc_c": ("hub:allenai/ai2_arc", "ARC-Challenge", "test"),
-}
-
-
-class EvalConfig(BaseModel):
-    """Options of `losia eval` (also the `eval:` section of a training recipe)."""
-
-    model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = []  # TASK or TASK@SOURCE (a data source as in `data.source`)
-    limit: int | None = Field(None, gt=0)  # first N rows per task
-    batch_size: int = Field(8, gt=0)
-    max_new_tokens: int = Field(256, gt=0)
-    num_samples: int = Field(1, gt=0)  # > 1: sample (temperature/top_p) and report pass@k
-    temperature: float = 0.8
-    top_p: float = 0.95
-    allow_code_exec: bool = False  # code tasks run model-written programs (sandboxed)
-    chat: bool = False  # code tasks: prompt through the chat template, run the reply's code block
-    timeout_s: float = Field(10.0, gt=0)
-    forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
-    after_train: bool = False  # run these tasks at the end of `losia train`
-    seed: int = 0
+from losia_cli.errors import UsageError
+from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig
 
 
 def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
@@ -69,31 +40,29 @@ def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
 
 def load_target(target: str):
     """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
-    from losia_cli.models import ModelConfig, load_model, load_tokenizer, resolve_model_path
+    from losia_cli.engine.rundir import timestamp
+    from losia_cli.models import ModelConfig, load_model, load_run_model, load_tokenizer, resolve_model_path
 
     path = Path(target)
     if (path / "config.yaml").is_file() and (path / "final").exists():
-        from losia_cli.merge import build_merged
-
-        model, tokenizer, _ = build_merged(path)  # folds PEFT adapters; LoSiA/full load as is
+        model, tokenizer, _ = load_run_model(path)  # folds PEFT adapters; LoSiA/full load as is
         return model, tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
     cfg = ModelConfig(name_or_path=target)
     resolved = resolve_model_path(cfg)
     tokenizer = load_tokenizer(resolved)
     model = load_model(cfg, resolved)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    slug = target.rstrip("/").replace("/", "_").replace(":", "_")
-    return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{stamp}" / "eval"
+        slug = target.rstrip("/").replace("/", "_").replace(":", "_")
+    return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{timestamp()}" / "eval"
 
 
 def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, console: Console,
              baseline: tuple | None = None) -> dict:
-    from losia_cli.eval.forgetting import general_text_loss
+    from losia_cli.eval.forgetting import forgetting_delta, general_text_loss
     from losia_cli.eval.results import model_identity, results_table, write_results
     from losia_cli.eval.runner import evaluate
 
     if not cfg.tasks and not cfg.forgetting:
-        raise ValueError("nothing to evaluate: give tasks=[...] or forgetting=true")
+        raise UsageError("nothing to evaluate: give tasks=[...] or forgetting=true")
     task_rows = [load_rows(spec, cfg.limit) for spec in cfg.tasks]  # fail on bad data before scoring
     options = dict(
         allow_code_exec=cfg.allow_code_exec, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -120,7 +89,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
         if baseline is not None:
             before = general_text_loss(baseline[0], baseline[1])
             summary["general_text_loss_baseline"] = before
-            summary["forgetting_delta"] = after["loss"] - before["loss"]  # > 0: the model forgot
+            summary["forgetting_delta"] = forgetting_delta(before, after)
     write_results(out_dir, results, model={**model_identity(model), **identity},
                   config={**cfg.model_dump(), **summary})
     if results:

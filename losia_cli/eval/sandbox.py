@@ -16,13 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+from losia_cli.errors import LosiaError
 
 STATUSES = ("passed", "failed", "timeout", "oom", "error")
 
 
-class CodeExecutionNotAllowed(PermissionError):
+class CodeExecutionNotAllowed(LosiaError, PermissionError):
     """Raised when generated code would run without an explicit opt-in."""
 
     def __init__(self, what: str = "this evaluation"):
@@ -43,9 +45,6 @@ class ExecResult:
     @property
     def passed(self) -> bool:
         return self.status == "passed"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
 
 
 # Runs in the child before the user's program; argv: limits, then the program path.

@@ -1,0 +1,110 @@
+"""`losia bench`: step latency / memory of methods side by side, in one process (losia_cli/bench/).
+Options in the one key=value grammar; --out/--plot/--from name files, as in the other commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from losia_cli.commands.common import command_parser
+from losia_cli.compose import parse_options
+
+EXAMPLES = """\
+examples:
+  losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256
+  losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 dtype=bf16 device=cuda --no-interleave
+  losia bench --from benchmarks/results/cpu_llama_h512_l4.json     # re-print and re-plot a saved result
+options: {options}
+"""
+
+
+class BenchOptions(BaseModel):
+    """What to measure (the key=value options of `losia bench`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = "llama_h512_l4"
+    """A shape of losia_cli.bench.SHAPES (random weights) or a local Hugging Face model dir."""
+    methods: list[str] = ["floor", "full", "lora", "losia_pro"]
+    """Methods to measure side by side (`[a,b]` or `a,b`)."""
+    batch: int = Field(4, gt=0)
+    seq: int = Field(256, gt=0)
+    steps: int = Field(10, gt=0)
+    """Measured steps per method."""
+    warmup: int = Field(2, ge=0)
+    """Unmeasured steps per method first."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    lora_rank: int = Field(8, gt=0)
+    """LoRA/DoRA/PiSSA/GaLore rank; LoSiA gets the parity rank factor."""
+    rank_factor: float | None = None
+    """LoSiA p (default: parity with lora_rank)."""
+    period: int | None = None
+    """LoSiA time-slot length T (default: the method's)."""
+    seed: int = 0
+    interleave: bool = True
+    """Round-robin the measured steps; false times one method after another, freeing each model."""
+    rss: bool = True
+    """CPU: measure each method's peak RSS in a child process."""
+    threads: int | None = None
+    """torch CPU threads."""
+    note: str | None = None
+    """Free text stored as meta.notes (e.g. machine load)."""
+
+
+def add_parser(subparsers) -> None:
+    options = " ".join(BenchOptions.model_fields)
+    p = command_parser(subparsers, "bench", "step latency / memory of methods side by side, in one process",
+                       EXAMPLES.format(options=options), run)
+    p.add_argument("options", nargs="*", help="key=value options, e.g. model=llama2_7b methods=[lora,losia_pro]")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/<device>_<model>.json)")
+    p.add_argument("--plot", metavar="PNG", help="also write a bar chart of the results")
+    p.add_argument("--from", dest="from_json", metavar="JSON",
+                   help="run nothing: re-print and plot an existing results JSON (--plot default: JSON.png)")
+    # Flag spellings of four options, kept for the command lines in benchmarks/README.md.
+    p.add_argument("--no-interleave", dest="interleave", action="store_false", default=None, help="interleave=false")
+    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="rss=false")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="activation_checkpointing=true")
+    p.add_argument("--note", help="note=TEXT")
+
+
+def run(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from losia_cli import atomic
+    from losia_cli.bench import load_report, plot_report, print_table, run_bench
+
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: don't squeeze the table
+    opts = parse_options(args.options, BenchOptions)
+    flags = {k: getattr(args, k) for k in ("interleave", "rss", "activation_checkpointing", "note")}
+    opts = opts.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    if args.from_json:
+        report = load_report(args.from_json)
+        print_table(report, console)
+        console.print(f"wrote {plot_report(report, args.plot or Path(args.from_json).with_suffix('.png'))}")
+        return 0
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    report = run_bench(
+        model=opts.model, methods=opts.methods, batch=opts.batch, seq=opts.seq, steps=opts.steps,
+        warmup=opts.warmup, device=device, dtype=opts.dtype, activation_checkpointing=opts.activation_checkpointing,
+        lora_rank=opts.lora_rank, rank_factor=opts.rank_factor, seed=opts.seed, interleave=opts.interleave,
+        rss=None if opts.rss else False, period=opts.period, notes=opts.note,
+        progress=lambda msg: console.print(f"[dim]{msg}[/]"),
+    )
+    shape = Path(opts.model).name if Path(opts.model).expanduser().is_dir() else opts.model
+    out = Path(args.out or f"benchmarks/results/{torch.device(device).type}_{shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out, report)
+    print_table(report, console)
+    console.print(f"wrote {out}")
+    if args.plot:
+        console.print(f"wrote {plot_report(report, args.plot)}")
+    return 0

@@ -1,0 +1,40 @@
+"""Every mistake a user can make raises a `LosiaError`: the CLI prints its one-line message and exits 2
+(a traceback only with --debug). The subclasses say where it came from; most are also `ValueError`s,
+as they were before, so callers that catch those keep working."""
+
+
+class LosiaError(Exception):
+    """A user-facing error; the message is one line naming the key, file or option at fault."""
+
+
+class UsageError(LosiaError, ValueError):
+    """A mistake on the command line itself."""
+
+
+class ConfigError(LosiaError, ValueError):
+    """A recipe or override that does not validate; the message names the key."""
+
+
+class DataError(LosiaError, ValueError):
+    """A problem with the user's data or data config; the message is one line naming the culprit
+    (file:line, column, key or task)."""
+
+
+class ModelError(LosiaError, ValueError):
+    """A model that cannot be resolved or loaded; the message names what and why."""
+
+
+class MergeError(LosiaError, ValueError):
+    """A run that cannot be merged, or a merge that failed verification."""
+
+
+class ReportError(LosiaError, ValueError):
+    """A path that is not a run dir, or a run file that cannot be read."""
+
+
+class SlurmError(LosiaError, ValueError):
+    """A bad `losia slurm` option, or sbatch missing / refusing the job."""
+
+
+class BenchError(LosiaError, ValueError):
+    """A bad bench request (unknown shape or method, missing package); the message says which."""

@@ -1,0 +1,35 @@
+"""`EvalConfig`: the options of `losia eval`, also the `eval:` section of a training recipe."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Default evaluation split of each task whose standard benchmark is public on the hub.
+# Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
+DEFAULT_SOURCES = {
+    "humaneval": ("package:humaneval", None, "test"),
+    "gsm8k": ("hub:openai/gsm8k", "main", "test"),
+    "mbpp": ("hub:google-research-datasets/mbpp", "full", "test"),
+    "boolq": ("hub:google/boolq", None, "validation"),
+    "arc_e": ("hub:allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_c": ("hub:allenai/ai2_arc", "ARC-Challenge", "test"),
+}
+
+
+class EvalConfig(BaseModel):
+    """Options of `losia eval` (also the `eval:` section of a training recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = []  # TASK or TASK@SOURCE (a data source as in `data.source`)
+    limit: int | None = Field(None, gt=0)  # first N rows per task
+    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    num_samples: int = Field(1, gt=0)  # > 1: sample (temperature/top_p) and report pass@k
+    temperature: float = 0.8
+    top_p: float = 0.95
+    allow_code_exec: bool = False  # code tasks run model-written programs (sandboxed)
+    chat: bool = False  # code tasks: prompt through the chat template, run the reply's code block
+    timeout_s: float = Field(10.0, gt=0)
+    forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
+    after_train: bool = False  # run these tasks at the end of `losia train`
+    seed: int = 0
