@@ -7,19 +7,16 @@ key and type, so a typo or a wrong type is one clear line naming the key instead
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from losia_cli.data.config import DataConfig
-from losia_cli.eval.command import EvalConfig
-from losia_cli.methods import MethodConfig
+from losia_cli.errors import ConfigError
+from losia_cli.eval.config import EvalConfig
+from losia_cli.methods import MethodConfig, method_class, method_names
 from losia_cli.models import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not validate; the message names the key."""
 
 
 class _Strict(BaseModel):
@@ -145,21 +142,12 @@ class RunConfig(_Strict):
     def _dist_supports_method(self):
         """Refuse, before anything loads, the combinations that would train silently wrong."""
         dist, method = self.dist.name, self.method.name
-        if method in ("losia", "losia_pro") and dist == "zero3":
-            # FSDP2 runs the delta form on DTensors; ZeRO-3's flat partitions would need their own
-            # gather / write-back and master-weight mapping for the block moves.
-            raise ValueError(
-                f"dist=zero3 with {method} is not supported; use dist=fsdp to shard the weights, or "
-                "dist=zero2 (the subnet's gradients and optimizer state are small already)"
-            )
-        if method == "galore" and dist not in ("single", "ddp"):
-            raise ValueError(f"dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp")
-        if self.dist.shards_weights:
-            if method == "pissa":
-                raise ValueError(f"dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2")
-            if self.train.save_every and dist == "zero3":
-                raise ValueError("train.save_every: checkpoints under dist=zero3 are not supported yet; "
-                                 "use dist=fsdp, ddp or zero2 for resumable runs")
+        reason = method_class(method).unsupported_dist.get(dist)
+        if reason:
+            raise ValueError(reason.format(method=method, dist=dist))
+        if self.train.save_every and dist == "zero3":
+            raise ValueError("train.save_every: checkpoints under dist=zero3 are not supported yet; "
+                             "use dist=fsdp, ddp or zero2 for resumable runs")
         return self
 
     def run_dir(self) -> Path:
@@ -174,7 +162,7 @@ def format_validation_error(e: ValidationError, prefix: tuple = ()) -> str:
 def _format_error(err: dict) -> str:
     key = ".".join(str(part) for part in err["loc"])
     # Discriminated unions add the tag to the path ("method.lora.rank"); users wrote "method.rank".
-    for tag in ("full", "lora", "dora", "pissa", "galore", "losia", "losia_pro"):
+    for tag in method_names():
         key = key.replace(f"method.{tag}.", "method.")
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
@@ -183,8 +171,7 @@ def _format_error(err: dict) -> str:
 
 
 def _method_classes() -> dict[str, type[BaseModel]]:
-    union = get_args(get_args(MethodConfig)[0])
-    return {name: cls for cls in union for name in get_args(cls.model_fields["name"].annotation)}
+    return {name: method_class(name).config_class for name in method_names()}
 
 
 def _drop_other_methods_keys(method: dict, notes: list[str]) -> dict:

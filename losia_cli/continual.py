@@ -19,8 +19,6 @@ Layout, all under one parent run dir:
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,8 +29,11 @@ from rich.table import Table
 from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig, StageConfig, format_validation_error
 from losia_cli.engine import checkpoint
-from losia_cli.engine.loop import name_run, token_loss_sum, train
-from losia_cli.merge import PEFT_METHODS, merge
+from losia_cli.engine.loop import train
+from losia_cli.engine.rundir import continual_start, name_run
+from losia_cli.engine.step import token_loss_sum
+from losia_cli.merge import merge
+from losia_cli.methods import exports_adapter
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 
 # The headline metric of each eval kind: generate, code, multiple choice.
@@ -150,27 +151,9 @@ def _evaluate(cfg: RunConfig, weights: str, specs: list[str], stage_cfgs: list[R
     }
 
 
-def _start(cfg: RunConfig, fresh: dict) -> dict:
-    """The continual.json to continue from (run.resume=auto), or `fresh` in a clean parent dir."""
-    root = cfg.run_dir()
-    path = root / "continual.json"
-    if cfg.run.resume == "auto" and path.is_file():
-        doc = json.loads(path.read_text())
-        if any(doc.get(key) != fresh[key] for key in ("method", "stages", "task_specs", "eval")):
-            raise ConfigError(f"{path} is from a run with other stages, tasks, method or eval settings; "
-                              "pass run.overwrite=true to start over")
-        return doc
-    if root.exists() and any(root.iterdir()) and cfg.run.resume != "auto":
-        if not cfg.run.overwrite:
-            raise ConfigError(f"run dir {root} already exists; pass run.resume=auto to continue it "
-                              "or run.overwrite=true to start over")
-        shutil.rmtree(root)
-    return fresh
-
-
 def _stage_weights(cfg: RunConfig, run_dir: Path) -> str:
     """A plain model dir of what the stage trained: final/ itself, or PEFT adapters merged into it."""
-    if cfg.method.name not in PEFT_METHODS:
+    if not exports_adapter(cfg.method.name):
         return str(run_dir / "final")
     merged = run_dir / "merged"
     if not (merged / "MANIFEST.json").is_file():  # merge() publishes the dir atomically, manifest inside
@@ -197,7 +180,7 @@ def run_continual(cfg: RunConfig, console: Console | None = None) -> Path:
     stage_cfgs = [stage_config(cfg, i, cfg.model.name_or_path) for i in range(len(cfg.stages))]
     specs, learned = task_specs(cfg.stages)
     root = cfg.run_dir()
-    doc = _start(cfg, {
+    doc = continual_start(cfg, {
         "method": cfg.method.name,
         "model": cfg.model.name_or_path,
         "stages": [{"name": s.name, "run_dir": str(stage_dir(cfg, i)),

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from losia_cli.config import ConfigError
-from losia_cli.engine import checkpoint, loop
+from losia_cli.engine import checkpoint
+from losia_cli.engine import step as step_driver
 from losia_cli.engine.loop import train
 
 METRIC_FIELDS = {"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_bytes"}
@@ -74,7 +75,7 @@ def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, meth
     common = (f"method={method}", "train.max_steps=5", "train.save_every=2", "train.warmup_ratio=0.2")
     straight = train(tiny_config("straight", *common))
 
-    real_loss, calls = loop.token_loss_sum, {"n": 0}
+    real_loss, calls = step_driver.token_loss_sum, {"n": 0}
 
     def crash_on_fourth_step(logits, labels):
         calls["n"] += 1
@@ -82,12 +83,12 @@ def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, meth
             raise RuntimeError("simulated crash")
         return real_loss(logits, labels)
 
-    monkeypatch.setattr(loop, "token_loss_sum", crash_on_fourth_step)
+    monkeypatch.setattr(step_driver, "token_loss_sum", crash_on_fourth_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_config("resumed", *common))
     run_dir = tmp_path / "resumed"
     assert not (run_dir / "report.json").exists() and not (run_dir / "final").exists()
-    monkeypatch.setattr(loop, "token_loss_sum", real_loss)
+    monkeypatch.setattr(step_driver, "token_loss_sum", real_loss)
     train(tiny_config("resumed", *common, "run.resume=auto"))
 
     a, b = final_weights(straight), final_weights(run_dir)

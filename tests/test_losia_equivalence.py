@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from losia_cli.methods import Distributed
+
 from test_losia_support import one_thread  # noqa: F401  (autouse fixture)
 from test_losia_support import (
     batch, build, make_optimizer, tiny_gemma, tiny_llama, tiny_qwen2, train, train_step,
@@ -138,12 +140,15 @@ def test_data_parallel_scorer_uses_the_mean_gradient():
     """Two ranks with identical data: the all-reduced sum / world size equals the single-process run."""
     calls = []
 
-    def all_reduce_sum(tensor):
-        calls.append(tensor.shape)
-        tensor.mul_(2)
+    class TwoIdenticalRanks(Distributed):
+        world_size = 2
+
+        def all_reduce_sum(self, tensor):
+            calls.append(tensor.shape)
+            tensor.mul_(2)
 
     single = build(name="losia_pro")
-    simulated = build(name="losia_pro", ctx_kw={"world_size": 2, "all_reduce_sum": all_reduce_sum})
+    simulated = build(name="losia_pro", ctx_kw={"dist": TwoIdenticalRanks()})
     for model, method in (single, simulated):
         train(model, method, make_optimizer(method), range(7))
     assert calls  # the scorer's gradient went through the hook

@@ -13,7 +13,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from losia_cli.methods.base import TrainContext, WarmupCosine
+from losia_cli.engine.step import StepDriver, build_optimizer
+from losia_cli.methods.base import Records, TrainContext, WarmupCosine
 from losia_cli.methods.losia import LosiaConfig, LosiaMethod
 
 VOCAB = 64
@@ -62,10 +63,21 @@ def tiny_qwen2(layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
 MODELS = {"llama": tiny_llama, "gemma": tiny_gemma, "qwen2": tiny_qwen2}
 
 
+class ListRecords(Records):
+    """Keeps the method's subnets records in a list."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def write(self, stream: str, record: dict) -> None:
+        assert stream == "subnets"
+        self.records.append(record)
+
+
 def make_ctx(total_steps: int = 50, warmup: int = 5, seed: int = 1, records: list | None = None, **kw):
-    log = records.append if records is not None else (lambda record: None)
+    sink = ListRecords(records) if records is not None else Records()
     schedule = WarmupCosine(total_steps, warmup, 0.1)
-    return TrainContext(schedule=schedule, total_steps=total_steps, seed=seed, log_subnet=log, **kw)
+    return TrainContext(schedule=schedule, total_steps=total_steps, seed=seed, records=sink, **kw)
 
 
 def build(
@@ -80,10 +92,7 @@ def build(
 
 
 def make_optimizer(method: LosiaMethod, lr: float = 1e-2, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    optimizer = torch.optim.AdamW(method.param_groups(lr, weight_decay))
-    for group in optimizer.param_groups:
-        group["base_lr"] = lr
-    return optimizer
+    return build_optimizer(method, lr, weight_decay)
 
 
 def batch(step: int, micro: int, seq: int = 16, size: int = 2) -> torch.Tensor:
@@ -93,20 +102,11 @@ def batch(step: int, micro: int, seq: int = 16, size: int = 2) -> torch.Tensor:
 
 
 def train_step(model, method, optimizer, step: int, grad_accum: int = 1) -> float:
-    """One optimizer step through the Method interface, as the engine drives it."""
-    factors = method.lr_factors(step, len(optimizer.param_groups))
-    for group, factor in zip(optimizer.param_groups, factors):
-        group["lr"] = group["base_lr"] * factor
-    total = 0.0
-    for micro in range(grad_accum):
-        ids = batch(step, micro)
-        loss = model(input_ids=ids, labels=ids).loss / grad_accum
-        loss.backward()
-        total += loss.item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.on_step(step, optimizer)
-    return total
+    """One optimizer step through the engine's step driver; the mean token loss."""
+    batches = [{"input_ids": batch(step, micro), "labels": batch(step, micro)} for micro in range(grad_accum)]
+    targets = sum(b["labels"][:, 1:].numel() for b in batches)
+    loss_sum, _ = StepDriver(model, method, optimizer).step(step, batches, 1 / targets)
+    return float(loss_sum) / targets
 
 
 def train(model, method, optimizer, steps: range, grad_accum: int = 1) -> None:

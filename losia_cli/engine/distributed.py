@@ -15,10 +15,11 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast
 from torch import nn
 
 from losia_cli.config import RunConfig
+from losia_cli.methods.base import Distributed
 
 
 def _deepspeed_plugin(cfg: RunConfig) -> DeepSpeedPlugin:
@@ -82,6 +83,26 @@ def deepspeed_optimizer(accelerator: Accelerator):
     """The ZeRO optimizer (holds the fp32 master partitions), or None when not under DeepSpeed."""
     engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
     return engine.engine.optimizer if engine is not None else None
+
+
+class AcceleratorDist(Distributed):
+    """What a method sees of the accelerator's processes (methods/base.py's `Distributed`)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.world_size, self.rank = accelerator.num_processes, accelerator.process_index
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        if self.world_size > 1:
+            tensor.copy_(self.accelerator.reduce(tensor, reduction="sum"))
+
+    def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
+        return broadcast(tensor, from_process=0) if self.world_size > 1 else tensor
+
+    def params_changed(self) -> None:
+        zero = deepspeed_optimizer(self.accelerator)
+        if zero is not None:
+            zero.refresh_fp32_params()
 
 
 def count_grad_sync_bytes(model) -> dict | None:

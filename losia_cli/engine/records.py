@@ -54,13 +54,15 @@ def step_timings(step_times: list[float], tokens: list[int]) -> dict:
     one-off warm-up costs (allocator, kernels)."""
     times, tokens = step_times[1:] or step_times, tokens[1:] or tokens
     return {
-        "p50": _percentile(times, 50),
-        "p95": _percentile(times, 95),
+        "p50": percentile(times, 50),
+        "p95": percentile(times, 95),
         "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
     }
 
 
-def _percentile(values: list[float], q: int) -> float | None:
+def percentile(values: list[float], q: int) -> float | None:
+    """The q-th percentile, interpolated linearly between order statistics (numpy's default);
+    report.json and `losia bench` both use it."""
     if not values:
         return None
     if len(values) == 1:

@@ -1,4 +1,4 @@
-"""Method registry: `method.name` in a recipe -> the class that implements it."""
+"""Fine-tuning methods. Each registers once here (see README, "Add a method")."""
 
 from __future__ import annotations
 
@@ -6,29 +6,24 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from losia_cli.methods.base import Method, TrainContext, WarmupCosine
-from losia_cli.methods.full import FullConfig, FullMethod
-from losia_cli.methods.galore import GaloreConfig, GaloreMethod
-from losia_cli.methods.losia import LosiaConfig, LosiaMethod
-from losia_cli.methods.peft_methods import PeftMethod, PeftMethodConfig
+from losia_cli.methods.base import Distributed, Method, Records, TrainContext, WarmupCosine
+from losia_cli.methods.full import FullMethod
+from losia_cli.methods.galore import GaloreMethod
+from losia_cli.methods.losia import LosiaMethod
+from losia_cli.methods.peft_methods import PeftMethod, PissaMethod
+from losia_cli.methods.registry import (
+    build_method, config_classes, exports_adapter, method_class, method_names, register,
+)
 
-MethodConfig = Annotated[
-    Union[FullConfig, PeftMethodConfig, GaloreConfig, LosiaConfig], Field(discriminator="name")
+register(FullMethod)
+register(PeftMethod)
+register(PissaMethod)
+register(GaloreMethod)
+register(LosiaMethod)
+
+MethodConfig = Annotated[Union[config_classes()], Field(discriminator="name")]
+
+__all__ = [
+    "Distributed", "Method", "MethodConfig", "Records", "TrainContext", "WarmupCosine", "build_method",
+    "exports_adapter", "method_class", "method_names", "register",
 ]
-
-_METHODS = {
-    "full": FullMethod,
-    "lora": PeftMethod,
-    "dora": PeftMethod,
-    "pissa": PeftMethod,
-    "galore": GaloreMethod,
-    "losia": LosiaMethod,
-    "losia_pro": LosiaMethod,
-}
-
-
-def build_method(cfg) -> Method:
-    return _METHODS[cfg.name](cfg)
-
-
-__all__ = ["Method", "MethodConfig", "TrainContext", "WarmupCosine", "build_method"]

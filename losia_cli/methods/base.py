@@ -3,7 +3,7 @@
 The training loop (engine/loop.py) only ever talks to a method through this class:
 
     model = method.prepare(model, ctx)              # swap layers / freeze / wrap with peft
-    opt = AdamW(method.param_groups(lr, wd))        # groups may carry their own eps etc.
+    opt = method.make_optimizer(method.param_groups(lr, wd), ...)  # AdamW unless overridden
     for step in range(total_steps):                 # `step` = optimizer steps already taken
         factors = method.lr_factors(step)           # one LR multiplier per param group
         for micro_batch in ...: loss.backward()     # the method may capture things in backward
@@ -11,6 +11,10 @@ The training loop (engine/loop.py) only ever talks to a method through this clas
         method.on_step(step, opt)                   # LoSiA: score, write-through, re-localize
     method.finalize(model)                          # every rank
     plain = method.export(model)                    # what `final/` holds (save_pretrained)
+    report.update(method.report_extras())           # report.json fields of the method's own
+
+The engine drives each step through engine/step.py; a method reaches the run only through its
+`TrainContext` (schedule, `dist` for the other processes, `records` for its own JSONL streams).
 
 Everything a method needs to resume lives in `model.state_dict()` (buffers and parameters, e.g.
 LoSiA's R, C and `sub`) plus `method.state_dict()` (counters, rewarm phase, score EMAs).
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +54,33 @@ class WarmupCosine:
         return self.cosine((t - self.warmup_steps) / decay_steps)
 
 
+class Distributed:
+    """What a method may ask of the processes it trains in. This base is one process; the engine
+    passes its accelerate-backed subclass (engine/distributed.py) when there are more."""
+
+    world_size = 1
+    rank = 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the processes, in place."""
+
+    def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor`, on every rank."""
+        return tensor
+
+    def params_changed(self) -> None:
+        """Call after changing trainable parameters outside the optimizer (LoSiA's re-localization):
+        under ZeRO the optimizer updates its own fp32 master copies, which must be re-read."""
+
+
+class Records:
+    """Where a method writes its records: one JSONL stream of the run dir per name (`subnets` is
+    LoSiA's (re)localizations). This base drops them (benchmarks, resumed runs' initial blocks)."""
+
+    def write(self, stream: str, record: dict) -> None:
+        pass
+
+
 @dataclass
 class TrainContext:
     """What the engine tells a method about the run it is part of."""
@@ -58,24 +89,31 @@ class TrainContext:
     total_steps: int
     grad_accum: int = 1
     seed: int = 0
-    # Appends one record to the run's subnets.jsonl (LoSiA's (re)localizations).
-    log_subnet: Callable[[dict], None] = lambda record: None
-    # Distributed: world size and a hook to all-reduce (sum) a tensor in place; identity when single.
-    world_size: int = 1
-    all_reduce_sum: Callable[[torch.Tensor], None] = lambda tensor: None
-    broadcast_from_main: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
-    # Call after changing trainable parameters outside the optimizer (LoSiA's re-localization): under
-    # ZeRO the optimizer updates its own fp32 master copies, which must be re-read from the model.
-    refresh_master_weights: Callable[[], None] = lambda: None
+    records: Records = field(default_factory=Records)
+    dist: Distributed = field(default_factory=Distributed)
     # FSDP / ZeRO-3 will shard the weights themselves (prepare() still sees them whole).
     sharded_weights: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
-    """Base class: full fine-tuning behaviour, overridden piece by piece by other methods."""
+    """Base class: full fine-tuning behaviour, overridden piece by piece by other methods.
+
+    The class attributes are the method's capabilities, read by config, merge, continual and bench
+    through the registry (methods/registry.py); a new method sets them and registers in one line.
+    """
 
     name = "base"
+    names: ClassVar[tuple[str, ...]] = ()
+    """The recipe's `method.name` values this class implements (`method=<name>`)."""
+    config_class: ClassVar[type | None] = None
+    """The pydantic model of the `method:` section; its `name` field is a Literal of `names`."""
+    export_kind: ClassVar[str] = "full"
+    """What `final/` holds: "full" weights (a plain HF model) or an "adapter" that `losia merge` folds."""
+    unsupported_dist: ClassVar[dict[str, str]] = {}
+    """{dist.name: why not} for the set-ups that would train silently wrong; `{method}` and `{dist}`
+    in the reason are filled in."""
+    requires: ClassVar[tuple[str, str] | None] = None
+    """(module, pip package) of an optional dependency the method cannot run without."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -92,6 +130,16 @@ class Method:
         """Param groups for torch.optim.AdamW; only parameters that should be trained."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": "all"}]
+
+    def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
+        """The optimizer over `groups`: AdamW, unless a method brings its own (GaLore's projected Adam)."""
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+    @classmethod
+    def sized_config(cls, name: str, rank: int, **options):
+        """The config of method `name` at the parameter budget of LoRA rank `rank` (bench compares
+        methods at one budget); `options` are method-specific knobs, ignored where they do not apply."""
+        return cls.config_class(name=name)
 
     # --- per step -----------------------------------------------------------------------------
     def lr_factors(self, step: int, num_groups: int) -> list[float]:
@@ -121,6 +169,11 @@ class Method:
         """Write `final/` from what export() returned (with the gathered `state_dict` when the
         training sharded the weights: FSDP, ZeRO-3)."""
         exported.save_pretrained(path, state_dict=state_dict)
+
+    def report_extras(self) -> dict:
+        """Fields the method adds to report.json. `relocalization_time_s` is in the report's contract
+        for every method: 0 where nothing re-localizes."""
+        return {"relocalization_time_s": 0.0}
 
     def describe(self) -> dict:
         """Trainable parameter count and the bytes of AdamW state they imply (two moments each)."""

@@ -17,6 +17,8 @@ class FullConfig(BaseModel):
 
 class FullMethod(Method):
     name = "full"
+    names = ("full",)
+    config_class = FullConfig
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         model.requires_grad_(True)

@@ -5,8 +5,8 @@ GaLore's keys (`rank`, `update_proj_gap`, `scale`, `proj_type`); `galore_torch.G
 their gradients to rank r, keeps its Adam moments in that space and projects the update back. All
 other parameters are a plain dense group of the same optimizer.
 
-The engine builds `torch.optim.AdamW(groups)` unless the method offers `make_optimizer`; plain AdamW
-would ignore the GaLore keys and silently run full fine-tuning, hence the hook.
+`Method.make_optimizer` builds plain AdamW, which would ignore the GaLore keys and silently run full
+fine-tuning, hence the override.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from losia_cli.methods.base import Method, TrainContext
 from losia_cli.methods.peft_methods import LLAMA_PROJECTIONS
 
 
+_FLATTENS = "dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp"
+
+
 class GaloreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["galore"] = "galore"
@@ -33,6 +36,10 @@ class GaloreConfig(BaseModel):
 
 class GaloreMethod(Method):
     name = "galore"
+    names = ("galore",)
+    config_class = GaloreConfig
+    unsupported_dist = {dist: _FLATTENS for dist in ("fsdp", "zero2", "zero3")}
+    requires = ("galore_torch", "galore-torch")
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         model.requires_grad_(True)
@@ -65,6 +72,10 @@ class GaloreMethod(Method):
         if dense:
             groups.append({"params": dense, "lr": lr, "weight_decay": weight_decay, "name": "dense"})
         return groups
+
+    @classmethod
+    def sized_config(cls, name: str, rank: int, **options):
+        return cls.config_class(rank=rank)
 
     def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW

@@ -27,9 +27,17 @@ class PeftMethodConfig(BaseModel):
 class PeftMethod(Method):
     """The model becomes a PeftModel; `final/` holds the adapter, `losia merge` folds it."""
 
+    names = ("lora", "dora")
+    config_class = PeftMethodConfig
+    export_kind = "adapter"
+
     def __init__(self, cfg: PeftMethodConfig):
         super().__init__(cfg)
         self.name = cfg.name
+
+    @classmethod
+    def sized_config(cls, name: str, rank: int, **options):
+        return cls.config_class(name=name, rank=rank)
 
     def peft_config(self):
         from peft import LoraConfig
@@ -67,3 +75,13 @@ class PeftMethod(Method):
             return super().save(exported, path, state_dict)
         exported.save_pretrained(path, path_initial_model_for_weight_conversion=self.pissa_init)
         shutil.rmtree(self.pissa_init, ignore_errors=True)
+
+
+class PissaMethod(PeftMethod):
+    """PiSSA: LoRA initialised from the weights' principal singular vectors (peft's `pissa` init)."""
+
+    names = ("pissa",)
+    unsupported_dist = {
+        "fsdp": "dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2",
+        "zero3": "dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2",
+    }

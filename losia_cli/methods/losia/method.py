@@ -67,6 +67,12 @@ def block_overlap(old_rows, old_cols, rows, cols) -> float:
 
 class LosiaMethod(Method):
     name = "losia"
+    names = ("losia", "losia_pro")
+    config_class = LosiaConfig
+    # FSDP2 runs the delta form on DTensors; ZeRO-3's flat partitions would need their own gather /
+    # write-back and master-weight mapping for the block moves.
+    unsupported_dist = {"zero3": "dist={dist} with {method} is not supported; use dist=fsdp to shard the "
+                                 "weights, or dist=zero2 (the subnet's gradients and optimizer state are small already)"}
 
     def __init__(self, cfg: LosiaConfig):
         super().__init__(cfg)
@@ -137,6 +143,15 @@ class LosiaMethod(Method):
         for t in self.targets:
             self._log(t, step=0, score_mass=0.0, overlap=0.0, source=cfg.init)
         return model
+
+    @classmethod
+    def sized_config(cls, name: str, rank: int, *, rank_factor: float | None = None, period: int | None = None,
+                     **options) -> LosiaConfig:
+        """Parameter parity with LoRA-`rank` (method doc 3.2) unless a rank factor p is given."""
+        extra = {"rank_factor": rank_factor} if rank_factor is not None else {"lora_rank": rank}
+        if period is not None:
+            extra["period"] = period
+        return cls.config_class(name=name, **extra)
 
     def _is_target(self, name: str, module: nn.Module, head: nn.Module | None) -> bool:
         if module is head or not (isinstance(module, nn.Linear) or is_conv1d(module)):
@@ -210,9 +225,9 @@ class LosiaMethod(Method):
             scorer = t.module.scorer
             if scorer is not None:
                 # The score must see the global gradient (the DDP mean), before W moves.
-                self.ctx.all_reduce_sum(scorer.grad_acc)
-                if self.ctx.world_size > 1:
-                    scorer.grad_acc.div_(self.ctx.world_size)
+                self.ctx.dist.all_reduce_sum(scorer.grad_acc)
+                if self.ctx.dist.world_size > 1:
+                    scorer.grad_acc.div_(self.ctx.dist.world_size)
                 scorer.update()
         if not self.delta:
             for t in self.targets:
@@ -227,7 +242,7 @@ class LosiaMethod(Method):
             self._reset_moments(optimizer.param_groups[slot]["params"], optimizer)
             self.restarts[slot] = step + 1
         if slots:
-            self.ctx.refresh_master_weights()
+            self.ctx.dist.params_changed()
         self.relocalization_time_s += time.perf_counter() - started
         self.next_step = step + 1
         self._set_scoring(self.next_step)
@@ -248,11 +263,11 @@ class LosiaMethod(Method):
         score = module.scorer.score()
         k_rows, k_cols = module.sub.shape
         rows, cols, mass = select_block(score, k_rows, k_cols, self.cfg.selection)
-        if self.ctx.world_size > 1:
+        if self.ctx.dist.world_size > 1:
             # Every rank scores the same all-reduced gradient and selects deterministically, so
             # this is a guard: should one rank differ, rank 0's block wins and the count says so.
             chosen = torch.cat([rows, cols])
-            agreed = self.ctx.broadcast_from_main(chosen.clone())
+            agreed = self.ctx.dist.broadcast_from_main(chosen.clone())
             if not torch.equal(agreed, chosen):
                 self.rank_disagreements += 1
                 rows, cols = agreed[:k_rows], agreed[k_rows:]
@@ -277,7 +292,8 @@ class LosiaMethod(Method):
         """One subnets.jsonl record. `step` is the update count from which the block trains; `score_mass`
         is the share of the score the block holds (0 for an initial block)."""
         module = target.module
-        self.ctx.log_subnet(
+        self.ctx.records.write(
+            "subnets",
             {
                 "step": step,
                 "layer": target.layer,
@@ -349,6 +365,9 @@ class LosiaMethod(Method):
             wrapper_only = {f"{t.name}.{key}" for t in self.targets for key in ("sub", "rows", "cols")}
             state_dict = {key: value for key, value in state_dict.items() if key not in wrapper_only}
         super().save(exported, path, state_dict)
+
+    def report_extras(self) -> dict:
+        return {"relocalization_time_s": self.relocalization_time_s}
 
     def describe(self) -> dict:
         info = super().describe()

@@ -1,0 +1,110 @@
+"""One optimizer step, the same wherever it is taken: the training loop, `losia bench` and the tests.
+
+    set each param group's LR from method.lr_factors(step)
+    forward + backward of each micro-batch (summed target-token cross-entropy, times `scale`)
+    clip, optimizer.step(), zero_grad()
+    method.on_step(step, optimizer)
+
+With an accelerator (the engine) backward goes through it, gradients sync only on the last
+micro-batch, and the step runs on accelerate's wrapper of the optimizer; without one it is plain torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from losia_cli.methods.base import Method
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens (labels != -100)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def build_optimizer(method: Method, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    """The method's optimizer over its param groups (None when nothing trains). Each group keeps its
+    `base_lr`, which the per-step LR factors multiply."""
+    groups = method.param_groups(lr, weight_decay)
+    for group in groups:
+        group.setdefault("base_lr", group["lr"])
+    return method.make_optimizer(groups, lr, betas, eps) if groups else None
+
+
+@dataclass
+class StepDriver:
+    """Takes the optimizer steps of `model` trained by `method` (see the module doc)."""
+
+    model: nn.Module
+    method: Method
+    optimizer: torch.optim.Optimizer | None  # its groups' LRs are set, and on_step gets it
+    accelerator: Any = None  # accelerate.Accelerator; None: plain torch
+    stepper: Any = None  # what .step() runs: accelerate's wrapper of `optimizer` (None: `optimizer`)
+    max_grad_norm: float | None = None  # None: no clipping
+    autocast: Any = field(default_factory=contextlib.nullcontext)
+    method_time_s: float = 0.0  # in method.on_step, summed over the steps taken
+
+    def set_lrs(self, step: int) -> None:
+        if self.optimizer is None:
+            return
+        factors = self.method.lr_factors(step, len(self.optimizer.param_groups))
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = group["base_lr"] * factor
+
+    def forward_backward(self, batches: Iterable[dict], scale: float) -> torch.Tensor:
+        """The summed token loss of `batches` (detached); each micro-batch's gradient is that of its
+        summed loss times `scale`."""
+        loss_sum = 0
+        for batch in batches:
+            inputs = dict(batch)
+            labels = inputs.pop("labels")
+            with self._accumulate(), self.autocast:
+                loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
+                if self.accelerator is None:
+                    (loss * scale).backward()
+                else:
+                    self.accelerator.backward(loss * scale)
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def update(self, step: int) -> float | None:
+        """Clip, step, zero the gradients, then `method.on_step`; the gradient norm before clipping."""
+        grad_norm = None
+        if self.optimizer is not None:
+            if self.max_grad_norm is not None:
+                grad_norm = self._clip()
+            (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
+            (self.stepper or self.optimizer).zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        self.method.on_step(step, self.optimizer)
+        self.method_time_s += time.perf_counter() - started
+        return grad_norm
+
+    def step(self, step: int, batches: Iterable[dict], scale: float) -> tuple[torch.Tensor, float | None]:
+        """One whole optimizer step: (summed token loss, gradient norm before clipping)."""
+        self.set_lrs(step)
+        loss_sum = self.forward_backward(batches, scale)
+        return loss_sum, self.update(step)
+
+    def _accumulate(self):
+        # accumulate(): no gradient sync (DDP) / no DeepSpeed step until the last micro-batch.
+        return self.accelerator.accumulate(self.model) if self.accelerator else contextlib.nullcontext()
+
+    def _clip(self) -> float | None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.accelerator is None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        # Under DeepSpeed only read: it clipped inside its own step.
+        norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        if isinstance(norm, DTensor):  # FSDP's norm of sharded gradients
+            norm = norm.full_tensor()
+        return None if norm is None else float(norm)
