@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from losia_cli.bench import BenchError, add_bench_arguments, bench_command, run_bench
+from losia_cli.bench import BenchError, run_bench
+from losia_cli.cli import build_parser
 
 MICRO = dict(family="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -64,20 +64,23 @@ def test_run_bench_sequential_mode_and_bad_input():
         run_bench("llama_h3_l1", ["floor"], steps=1, warmup=1, rss=False)
 
 
+def _bench(*words) -> int:
+    """`losia bench WORDS` as the CLI parses it, raising instead of printing errors."""
+    args = build_parser().parse_args(["bench", *words])
+    return args.run(args)
+
+
 def test_bench_command_writes_json(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = {k: v for k, v in MICRO.items() if k != "family"}
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "micro")
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
     out, png = tmp_path / "bench.json", tmp_path / "plots" / "bench.png"
-    args = parser.parse_args(
-        [f"model={tmp_path / 'micro'}", "methods=[floor,lora]", "batch=1", "seq=8", "steps=1", "warmup=1",
-         "lora_rank=4", "device=cpu", "--no-rss", "--out", str(out), "--plot", str(png), "--note", "quiet box"]
-    )
-    assert bench_command(args) == 0
+    assert _bench(
+        f"model={tmp_path / 'micro'}", "methods=[floor,lora]", "batch=1", "seq=8", "steps=1", "warmup=1",
+        "lora_rank=4", "device=cpu", "--no-rss", "--out", str(out), "--plot", str(png), "--note", "quiet box",
+    ) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"floor", "lora"} and report["meta"]["config"]["lora_rank"] == 4
     assert report["meta"]["notes"] == "quiet box"
@@ -87,7 +90,7 @@ def test_bench_command_writes_json(tmp_path, capsys):
     # Re-plot a saved result without running anything: three methods make a taller chart.
     report["results"]["losia_pro"] = dict(report["results"]["lora"], step_time_vs_lora=0.5, memory_vs_lora=0.8)
     out.write_text(json.dumps(report))
-    assert bench_command(parser.parse_args(["--from", str(out)])) == 0
+    assert _bench("--from", str(out)) == 0
     three_methods = _png_shape(out.with_suffix(".png"))  # default: next to the JSON
     assert three_methods[1] == two_methods[1] and three_methods[0] > two_methods[0]
     assert "losia_pro" in capsys.readouterr().out  # the table is printed again too
@@ -103,13 +106,11 @@ def _png_shape(path) -> tuple[int, int]:
 
 
 def test_bench_from_json_errors(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
     with pytest.raises(BenchError, match="no such file"):
-        bench_command(parser.parse_args(["--from", str(tmp_path / "missing.json")]))
+        _bench("--from", str(tmp_path / "missing.json"))
     (tmp_path / "other.json").write_text('{"methods": []}')
     with pytest.raises(BenchError, match="not a `losia bench` result"):
-        bench_command(parser.parse_args(["--from", str(tmp_path / "other.json")]))
+        _bench("--from", str(tmp_path / "other.json"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("galore_torch") is None, reason="galore-torch not installed")
