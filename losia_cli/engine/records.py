@@ -19,6 +19,7 @@ import yaml
 
 from losia_cli import __version__, atomic
 from losia_cli.engine.loggers import open_loggers
+from losia_cli.methods.base import Records
 
 
 def versions() -> dict:
@@ -70,13 +71,19 @@ def percentile(values: list[float], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-class RunRecords:
+class RunRecords(Records):
+    """The run dir's records; also the sink a method writes its own streams to (subnets.jsonl)."""
+
+    STREAMS = ("metrics", "subnets")
+
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        self._subnets = open(self.dir / "subnets.jsonl", "a", buffering=1)
+        self._open()
         self._loggers: list = []  # opened by write_config, which knows run.loggers
+
+    def _open(self) -> None:
+        self._files = {name: open(self.dir / f"{name}.jsonl", "a", buffering=1) for name in self.STREAMS}
 
     def write_config(self, config: dict, device: torch.device) -> None:
         doc = {**config, "versions": versions(), "device": device_name(device)}
@@ -85,23 +92,22 @@ class RunRecords:
             self._loggers = open_loggers(self.dir, doc)
 
     def metric(self, record: dict) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        self.write("metrics", record)
         for logger in self._loggers:
             logger.metric(record)
 
-    def subnet(self, record: dict) -> None:
-        self._subnets.write(json.dumps(record) + "\n")
+    def write(self, stream: str, record: dict) -> None:
+        self._files[stream].write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint so the files read as one uninterrupted run."""
-        for f in (self._metrics, self._subnets):
+        for f in self._files.values():
             f.close()
-        for name in ("metrics.jsonl", "subnets.jsonl"):
-            path = self.dir / name
+        for name in self.STREAMS:
+            path = self.dir / f"{name}.jsonl"
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
             atomic.write_text(path, "".join(line + "\n" for line in kept))
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        self._subnets = open(self.dir / "subnets.jsonl", "a", buffering=1)
+        self._open()
 
     def write_report(self, report: dict) -> None:
         atomic.write_json(self.dir / "report.json", report)
@@ -109,8 +115,8 @@ class RunRecords:
             logger.summary(report)
 
     def close(self) -> None:
-        self._metrics.close()
-        self._subnets.close()
+        for f in self._files.values():
+            f.close()
         for logger in self._loggers:
             logger.close()
         self._loggers = []
