@@ -177,6 +177,7 @@ def test_sharded_weights_train_the_same_model(runs, tiny_llama_dir, method, dist
 @pytest.mark.parametrize("overrides,message", [
     (["method=losia_pro", "dist=zero3"], "dist=zero3 with losia_pro is not supported; use dist=fsdp"),
     (["method=galore", "dist=zero2"], "GaLore projects 2-D gradients"),
+    (["method=pissa", "dist=fsdp"], "dist=fsdp: PiSSA's export converts the live"),
     (["method=lora", "dist=zero3", "train.save_every=5"], "train.save_every: checkpoints under dist=zero3"),
     (["dist.num_processes=2"], "dist=single runs one process"),
     (["dist=ddp", "dist.num_machines=2"], "set dist.main_process_ip"),

@@ -19,6 +19,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast
 from torch import nn
 
 from losia_cli.config import RunConfig
+from losia_cli.errors import ConfigError
 from losia_cli.methods.base import Distributed
 
 
@@ -72,7 +73,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     block_names = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
-        raise ValueError(f"dist=fsdp: {type(model).__name__} names no decoder-block class (_no_split_modules)")
+        raise ConfigError(f"dist=fsdp: {type(model).__name__} names no decoder-block class (_no_split_modules)")
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

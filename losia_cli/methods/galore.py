@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from losia_cli.errors import ConfigError
 from losia_cli.methods.base import Method, TrainContext
 from losia_cli.methods.peft_methods import LLAMA_PROJECTIONS
 
@@ -43,7 +44,10 @@ class GaloreMethod(Method):
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         model.requires_grad_(True)
-        return super().prepare(model, ctx)
+        super().prepare(model, ctx)
+        if not self.galore_params():
+            raise ConfigError(f"galore: no 2-D weight matches target_modules={self.cfg.target_modules}")
+        return model
 
     def _is_target(self, module_name: str) -> bool:
         return any(module_name == t or module_name.endswith("." + t) for t in self.cfg.target_modules)
@@ -57,8 +61,6 @@ class GaloreMethod(Method):
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         projected = self.galore_params()
-        if not projected:
-            raise ValueError(f"galore: no 2-D weight matches target_modules={self.cfg.target_modules}")
         ids = {id(p) for p in projected}
         dense = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
         cfg = self.cfg

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from losia_cli.errors import ConfigError
 from losia_cli.methods.base import Method, TrainContext
 
 from .config import LosiaConfig
@@ -101,17 +102,17 @@ class LosiaMethod(Method):
         found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
         if cfg.lm_head_rows > 0:
             if not isinstance(head, nn.Linear):
-                raise ValueError("lm_head_rows > 0 needs an nn.Linear output head (get_output_embeddings())")
+                raise ConfigError("lm_head_rows > 0 needs an nn.Linear output head (get_output_embeddings())")
             found.append((next(name for name, module in model.named_modules() if module is head), head))
         if not found:
-            raise ValueError(f"no nn.Linear matched method.target_modules={cfg.target_modules!r}")
+            raise ConfigError(f"no nn.Linear matched method.target_modules={cfg.target_modules!r}")
 
         layers = {
             name: LM_HEAD_LAYER if mod is head else layer_index(name, cfg.slot_pattern) for name, mod in found
         }
         unplaced = [name for name, layer in layers.items() if layer is None]
         if unplaced:
-            raise ValueError(
+            raise ConfigError(
                 f"method.slot_pattern={cfg.slot_pattern!r} finds no layer index in {unplaced[:3]}; "
                 "set it to a regex whose first group is the block number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
             )
