@@ -1,4 +1,8 @@
-"""Atomic writes: a crash never leaves a half-written file or directory that looks complete."""
+"""Atomic, durable writes: a crash never leaves a half-written file or directory that looks complete.
+
+Each writer builds its content under a temp name beside the target, fsyncs it, renames it into
+place and fsyncs the parent directory, so after a power loss the target is the old or the new one.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,33 @@ import contextlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 
-def temp_path_for(final: Path) -> Path:
-    """Where `file(final)` / `directory(final)` builds its content (other processes may write into it too)."""
+def temp_path_for(final: Path, private: bool = False) -> Path:
+    """Where `file(final)` / `directory(final)` builds its content (other processes may write into it
+    too); `private` gives this writer a name of its own."""
     final = Path(final)
-    return final.with_name(f".{final.name}.tmp")
+    tag = f".{os.getpid()}-{uuid.uuid4().hex[:8]}" if private else ""
+    return final.with_name(f".{final.name}{tag}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then the directories, deepest first."""
+    for dirpath, _, filenames in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
 
 
 @contextlib.contextmanager
@@ -23,10 +46,12 @@ def file(path: Path) -> Iterator[Path]:
     tmp = temp_path_for(path)
     try:
         yield tmp
+        _fsync(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -39,18 +64,29 @@ def write_json(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; rename it into place only if the block succeeds."""
+def directory(final: Path, *, overwrite: bool = False, shared: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; rename it into place only if the block succeeds.
+
+    `shared`: several processes may build the same `final` at once (a cache entry); each builds its
+    own copy and the first to finish wins, the others' copies are dropped."""
     final = Path(final)
-    tmp = temp_path_for(final)
+    tmp = temp_path_for(final, private=shared)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
+    if shared:
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():  # not another writer's finished copy
+                raise
+    elif final.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{final} already exists")
@@ -61,3 +97,4 @@ def directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync(final.parent)

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from losia_cli import atomic
 from losia_cli.errors import MergeError, ModelError
 from losia_cli.resources import cache_dir
 
@@ -94,11 +94,9 @@ def _convert_gguf(gguf: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-converted dir is never picked up
+    with atomic.directory(out, shared=True) as tmp:  # a half-converted dir is never picked up
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Tokenized-data cache: one folder per key, written atomically (temp folder + rename).
+"""Tokenized-data cache: one folder per key, written atomically (losia_cli.atomic).
 
 The key hashes everything that can change the tokens: the tokenizer (vocabulary, merges,
 normalizer, special tokens, chat template), the template file's text, the task, the source's
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from losia_cli import atomic
 
 CACHE_VERSION = 1
 _META = "meta.json"
@@ -51,17 +50,9 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write a cache entry atomically; when processes race to build it, the first to finish wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic.directory(path, shared=True) as tmp:
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
         (tmp / _META).write_text(json.dumps({**meta, "arrays": sorted(arrays)}, indent=1, default=str))
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / _META).is_file():  # not a concurrent writer's finished entry
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

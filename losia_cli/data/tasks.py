@@ -27,6 +27,7 @@ import pydantic
 import yaml
 
 from losia_cli.data.errors import DataError
+from losia_cli.eval.extract import last_boxed
 from losia_cli.resources import templates_dir
 
 
@@ -62,25 +63,12 @@ def _regex_replace(text: str, pattern: str, replacement: str) -> str:
     return re.sub(pattern, replacement, text)
 
 
-def _last_boxed(text: str) -> str:
-    r"""Content of the last \boxed{...} (braces balanced), the MATH answer convention."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return ""
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return ""
-
-
 # Sandboxed: templates may come from users' recipes. StrictUndefined: a missing field is an error,
 # never an empty string silently trained on.
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
 )
-_ENV.filters.update(regex_replace=_regex_replace, last_boxed=_last_boxed)
+_ENV.filters.update(regex_replace=_regex_replace, last_boxed=lambda text: last_boxed(text) or "")
 
 _TEMPLATE_KEYS = ("prompt", "response")
 _EXPRESSION_KEYS = ("reference", "options", "gold", "tests", "entry_point")

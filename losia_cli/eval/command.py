@@ -51,7 +51,7 @@ def load_target(target: str):
     resolved = resolve_model_path(cfg)
     tokenizer = load_tokenizer(resolved)
     model = load_model(cfg, resolved)
-        slug = target.rstrip("/").replace("/", "_").replace(":", "_")
+    slug = target.rstrip("/").replace("/", "_").replace(":", "_")
     return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{timestamp()}" / "eval"
 
 
