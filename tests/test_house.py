@@ -1,0 +1,185 @@
+"""The house rules of losia_cli: no import cycles, no function over 100 lines, a torch-free `--help`,
+`--debug` after the sub-command, and user mistakes as one-line `LosiaError`s."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import losia_cli
+from losia_cli.errors import LosiaError
+
+PACKAGE = Path(losia_cli.__file__).parent
+MAX_FUNCTION_LINES = 100
+
+
+def _modules() -> dict[str, ast.Module]:
+    """Module name -> parsed source, for every module of losia_cli."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = ast.parse(path.read_text(), str(path))
+    return modules
+
+
+def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """Module -> the losia_cli modules it imports, at module level or inside functions alike."""
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, tree in modules.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(name, node.level, node.module)
+                # `from pkg import sub` imports the submodule sub; `from mod import name` the module.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _absolute(importer: str, level: int, module: str | None) -> str:
+    """The absolute name of `from <level dots><module> import ...` written in module `importer`."""
+    if not level:
+        return module
+    is_package = (PACKAGE.parent / importer.replace(".", "/") / "__init__.py").is_file()
+    parts = importer.split(".")[: None if is_package else -1]
+    parts = parts[: len(parts) - level + 1]
+    return ".".join([*parts, module] if module else parts)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph(_modules()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_function_level_imports():
+    modules = {
+        "losia_cli.a": ast.parse("import losia_cli.b\n"),
+        "losia_cli.b": ast.parse("def f():\n    from losia_cli.a import g\n"),
+    }
+    assert find_cycle(import_graph(modules)) == ["losia_cli.a", "losia_cli.b", "losia_cli.a"]
+
+
+def test_no_function_over_100_lines():
+    long = [
+        f"{name}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for name, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, "functions over 100 lines: " + ", ".join(long)
+
+
+def _imports_torch(*argv: str) -> bool:
+    code = ("import sys; from losia_cli.cli import main\n"
+            "try:\n    main(list(sys.argv[1:]))\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_help_and_recipes_ls_do_not_import_torch():
+    assert not _imports_torch("--help")
+    assert not _imports_torch("train", "--help")
+    assert not _imports_torch("recipes", "ls")
+
+
+def test_debug_is_accepted_after_the_command(capsys):
+    from losia_cli.cli import main
+    from losia_cli.errors import UsageError
+
+    assert main(["recipes", "cat", "no_such_recipe"]) == 2  # one line on stderr
+    assert capsys.readouterr().err.startswith("error: unknown recipe 'no_such_recipe'")
+    for argv in (["--debug", "recipes", "cat", "no_such_recipe"], ["recipes", "cat", "no_such_recipe", "--debug"]):
+        with pytest.raises(UsageError):  # --debug: the traceback, wherever the flag stands
+            main(argv)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+def _prepare(method):
+    from losia_cli.methods.base import TrainContext, WarmupCosine
+
+    return method.prepare(_tiny_llama(), TrainContext(schedule=WarmupCosine(5), total_steps=5))
+
+
+def _losia_without_targets(tmp_path):
+    from losia_cli.methods.losia import LosiaConfig, LosiaMethod
+
+    _prepare(LosiaMethod(LosiaConfig(target_modules=["nope"])))
+
+
+def _galore_without_targets(tmp_path):
+    pytest.importorskip("galore_torch")
+    from losia_cli.methods.galore import GaloreConfig, GaloreMethod
+
+    _prepare(GaloreMethod(GaloreConfig(rank=4, target_modules=["nope"])))
+
+
+def _eval_with_nothing_to_do(tmp_path):
+    from rich.console import Console
+
+    from losia_cli.eval.command import run_eval
+    from losia_cli.eval.config import EvalConfig
+
+    run_eval(None, None, EvalConfig(forgetting=False), tmp_path, {}, Console())
+
+
+def _logger_not_installed(tmp_path):
+    import importlib.util
+
+    from losia_cli.engine.loggers import EXTRAS, check_installed
+
+    missing = [name for name, (module, _) in EXTRAS.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        pytest.skip("every logger package is installed")
+    check_installed(missing[:1])
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (_losia_without_targets, "no nn.Linear matched method.target_modules"),
+    (_galore_without_targets, "no 2-D weight matches target_modules"),
+    (_eval_with_nothing_to_do, "nothing to evaluate"),
+    (_logger_not_installed, "needs the .* package"),
+])
+def test_user_mistakes_are_losia_errors(mistake, message, tmp_path):
+    """A LosiaError is what the CLI prints as one line; a plain ValueError would be a traceback."""
+    with pytest.raises(LosiaError, match=message):
+        mistake(tmp_path)
