@@ -4,8 +4,16 @@ import time
 
 import pytest
 
-from losia_cli.eval.code import build_program, humaneval_items, mbpp_item, pass_at_k, score_code
+from losia_cli.data import get_task
+from losia_cli.eval.code import build_program, pass_at_k, score_code
+from losia_cli.eval.command import load_rows
+from losia_cli.eval.runner import render_items
 from losia_cli.eval.sandbox import CodeExecutionNotAllowed, run_code
+
+
+def humaneval_items(limit: int | None = None) -> list[dict]:
+    """HumanEval problems as `losia eval` renders them (package:humaneval through the data pipeline)."""
+    return render_items("humaneval", load_rows("humaneval", limit)[1])
 
 
 def test_all_humaneval_canonical_solutions_pass():
@@ -24,8 +32,8 @@ def test_wrong_humaneval_solution_fails():
 
 def test_mbpp_row():
     row = {"task_id": 2, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
-           "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
-    item = mbpp_item(row)
+           "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": ""}
+    item = get_task("mbpp").render_eval(row)
     result = score_code([item, item], [[row["code"]], ["def add(a, b):\n    return a - b"]], allow_code_exec=True)
     assert [s["correct"] for s in result["samples"]] == [True, False]
     assert "add(1, 2)" in item["prompt"] and build_program(item, "X").startswith("X")

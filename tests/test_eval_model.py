@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from losia_cli.eval.command import load_rows
 from losia_cli.eval.forgetting import forgetting_delta, general_text_loss
 from losia_cli.eval.generate import generate, generate_samples
 from losia_cli.eval.loglik import encode_pair, loglikelihoods, score_multiple_choice
@@ -128,16 +129,17 @@ def test_evaluate_and_results_files(tiny, tmp_path):
     mc_rows = [{"kind": "multiple_choice", **item} for item in MC_ITEMS]
     gen_rows = [{"kind": "generate", "prompt": "Q: 1+1?\nA:", "reference": "2"},
                 {"kind": "generate", "prompt": "Q: 2+2?\nA:", "reference": "4"}]
+    humaneval = load_rows("humaneval", 2)[1]
     results = {
         "mc": evaluate(model, tokenizer, "mc", mc_rows, batch_size=4),
         "gen": evaluate(model, tokenizer, "gen", gen_rows, max_new_tokens=5),
-        "humaneval": evaluate(model, tokenizer, "humaneval", limit=2, max_new_tokens=5, allow_code_exec=True),
+        "humaneval": evaluate(model, tokenizer, "humaneval", humaneval, max_new_tokens=5, allow_code_exec=True),
     }
     assert results["mc"]["metrics"].keys() == {"acc", "acc_norm"}
     assert results["gen"]["n"] == 2 and "extracted" in results["gen"]["samples"][0]
     assert results["humaneval"]["metrics"]["pass@1"] == 0.0 and results["humaneval"]["n"] == 2
     with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=true"):
-        evaluate(model, tokenizer, "humaneval", limit=1)
+        evaluate(model, tokenizer, "humaneval", humaneval[:1])
     path = write_results(tmp_path / "eval", results, model={"name_or_path": "tiny"}, config={"tasks": list(results)})
     data = json.loads(path.read_text())
     assert data["tasks"]["mc"]["metrics"] == results["mc"]["metrics"] and "torch" in data["versions"]

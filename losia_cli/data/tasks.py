@@ -177,6 +177,9 @@ class Task:
             out["tests"] = str(self._expressions["tests"](**row))
             entry = self._expressions.get("entry_point")
             out["entry_point"] = None if entry is None else str(entry(**row))
+            # Without an entry point (MBPP) the prompt is prose and the reply the whole program;
+            # with one (HumanEval) the reply continues the prompt's function.
+            out["completion_only"] = entry is None
         return out
 
 

