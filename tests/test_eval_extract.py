@@ -1,6 +1,6 @@
 import pytest
 
-from losia_cli.eval.extract import answers_match, extract_answer, extract_choice, normalize_number
+from losia_cli.eval.extract import answers_match, extract_answer, normalize_number
 
 CASES = [
     ("Natalia sold 48 clips in April.\n#### 72", "72"),
@@ -72,12 +72,3 @@ def test_normalize_number():
     assert normalize_number("-3/4") == -0.75
     assert normalize_number(r"\frac{1}{8}") == 0.125
     assert normalize_number("none") is None
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("The answer is (B).", "B"), ("Answer: C", "C"), ("answer: d", "D"), ("(A) because ...", "A"),
-    ("B. Paris is the capital", "B"), ("C", "C"), ("I think it is D", "D"), ("no letter here", None),
-    ("Between A and C, the answer is (C)", "C"),
-])
-def test_extract_choice(text, expected):
-    assert extract_choice(text) == expected

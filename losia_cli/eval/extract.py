@@ -1,5 +1,5 @@
 r"""Answer extraction from generations: GSM8K (`#### 42`), MetaMath (`The answer is: 42`), MATH
-(`\boxed{...}`), a last-number fallback, and multiple-choice letters."""
+(`\boxed{...}`) and a last-number fallback."""
 
 from __future__ import annotations
 
@@ -115,21 +115,3 @@ def answers_match(pred: str | None, gold: str, *, rel_tol: float = 1e-6, abs_tol
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
     return _text_key(pred) == _text_key(gold_answer)
-
-
-def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
-    """A multiple-choice letter: "answer is (B)", "Answer: B", "(B)", a leading "B." / "B)", else
-    the last standalone capital letter among `letters`."""
-    cls = f"[{letters}]"
-    patterns = (
-        rf"answer\s*(?:is|:)?\s*:?\s*\(?({cls})\)?(?![\w])",
-        rf"\(({cls})\)",
-        rf"^\s*({cls})\s*[).:]",
-        rf"^\s*({cls})\s*$",
-    )
-    for pattern in patterns:
-        found = re.findall(pattern, text, flags=re.IGNORECASE if pattern.startswith("answer") else 0)
-        if found:
-            return found[-1].upper()
-    found = re.findall(rf"(?<![\w']){cls}(?![\w'])", text)
-    return found[-1] if found else None
