@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import get_origin
 
 from losia_cli.errors import ConfigError, UsageError
 from losia_cli.resources import recipes_dir
@@ -102,7 +103,7 @@ def parse_options(words: list[str], model):
         for key in parents:
             node = node.setdefault(key, {})
         field = model.model_fields.get(leaf) if not parents else None
-        if field is not None and not isinstance(value, list) and "list" in str(field.annotation):
+        if field is not None and get_origin(field.annotation) is list and not isinstance(value, list):
             value = [value]
         node[leaf] = value
     try:

@@ -183,3 +183,20 @@ def test_user_mistakes_are_losia_errors(mistake, message, tmp_path):
     """A LosiaError is what the CLI prints as one line; a plain ValueError would be a traceback."""
     with pytest.raises(LosiaError, match=message):
         mistake(tmp_path)
+
+
+def test_one_key_value_grammar_for_eval_and_bench_options():
+    from losia_cli.commands.bench import BenchOptions
+    from losia_cli.compose import parse_options
+    from losia_cli.errors import ConfigError, UsageError
+    from losia_cli.eval.config import EvalConfig
+
+    cfg = parse_options(["tasks=[gsm8k@bundled:gsm8k_sample,boolq]", "limit=2", "allow_code_exec=true"], EvalConfig)
+    assert cfg.tasks == ["gsm8k@bundled:gsm8k_sample", "boolq"] and cfg.limit == 2 and cfg.allow_code_exec
+    assert parse_options(["tasks=humaneval"], EvalConfig).tasks == ["humaneval"]  # one value: a list of one
+    opts = parse_options(["methods=floor,lora", "rank_factor=null", "model=/tmp/x-y/micro"], BenchOptions)
+    assert opts.methods == ["floor", "lora"] and opts.rank_factor is None and opts.model == "/tmp/x-y/micro"
+    with pytest.raises(ConfigError, match="^limits: Extra inputs"):
+        parse_options(["limits=2"], EvalConfig)
+    with pytest.raises(UsageError, match="expected key=value, got 'limit'"):
+        parse_options(["limit"], EvalConfig)
