@@ -18,6 +18,7 @@ from losia_cli import atomic
 from losia_cli.errors import MergeError
 from losia_cli.models import DTYPES, load_plain, load_run_model, probe_tokens, run_config
 
+
 def _sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 

@@ -18,7 +18,8 @@ def print_error(message: str) -> None:
 
 def command_parser(subparsers, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:
     """A sub-command's parser; it also takes --debug after the command (`losia train --debug`)."""
-    parser = subparsers.add_parser(name, help=help, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(name, help=help, epilog=examples,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     # SUPPRESS: without the flag here, `losia --debug train` keeps the top-level value.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.set_defaults(run=run)

@@ -15,8 +15,8 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    p = command_parser(subparsers, "report", "figures and one self-contained HTML page for one run, or several overlaid",
-                       EXAMPLES, run)
+    p = command_parser(subparsers, "report",
+                       "figures and one self-contained HTML page for one run, or several overlaid", EXAMPLES, run)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="output dir (default: RUN_DIR/report; ./report-compare for several)")
 
