@@ -200,3 +200,16 @@ def test_one_key_value_grammar_for_eval_and_bench_options():
         parse_options(["limits=2"], EvalConfig)
     with pytest.raises(UsageError, match="expected key=value, got 'limit'"):
         parse_options(["limit"], EvalConfig)
+
+
+def test_compare_reads_methods_in_the_same_grammar(monkeypatch):
+    import losia_cli.compare
+    from losia_cli.cli import main
+
+    calls = []
+    monkeypatch.setattr(losia_cli.compare, "compare", lambda methods, overrides, *_: calls.append((methods, overrides)))
+    assert main(["compare", "methods=[losia_pro,lora]", "train.max_steps=2"]) == 0
+    assert main(["compare", "methods=lora,full"]) == 0
+    assert main(["compare"]) == 0
+    assert calls == [(["losia_pro", "lora"], ["train.max_steps=2"]), (["lora", "full"], []),
+                     (["losia_pro", "lora", "full"], [])]

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict
+
 from losia_cli.commands.common import add_recipes_option, command_parser, console
+from losia_cli.compose import parse_options
 
 EXAMPLES = """\
 examples:
   losia compare methods=[losia_pro,lora,full] train.max_steps=20 eval.tasks=[gsm8k@bundled:gsm8k_sample]
   losia compare recipe=llama2_7b_math methods=[losia_pro,lora] eval.tasks=[gsm8k]
 """
+
+
+class CompareOptions(BaseModel):
+    """The key=value options of `losia compare` itself; every other word overrides the recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = ["losia_pro", "lora", "full"]
+    """The methods to train and compare (`[a,b]` or `a,b`)."""
 
 
 def add_parser(subparsers) -> None:
@@ -21,11 +32,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from losia_cli.compare import compare
 
-    methods, overrides = ["losia_pro", "lora", "full"], []
-    for word in args.overrides:
-        if word.startswith("methods="):
-            methods = [m.strip() for m in word.split("=", 1)[1].strip("[]").split(",") if m.strip()]
-        else:
-            overrides.append(word)
-    compare(methods, overrides, console, args.recipes)
+    own = [word for word in args.overrides if word.startswith("methods=")]
+    overrides = [word for word in args.overrides if word not in own]
+    compare(parse_options(own, CompareOptions).methods, overrides, console, args.recipes)
     return 0
