@@ -29,6 +29,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# The linear layers of a Llama-family block: the default targets of every method.
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 @dataclass
 class WarmupCosine:

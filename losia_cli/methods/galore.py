@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import Method, TrainContext
-from losia_cli.methods.peft_methods import LLAMA_PROJECTIONS
+from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
 
 
 _FLATTENS = "dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp"

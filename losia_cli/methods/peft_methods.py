@@ -9,9 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from losia_cli.methods.base import Method, TrainContext
-
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
 
 
 class PeftMethodConfig(BaseModel):
