@@ -11,7 +11,7 @@ import torch
 
 from reference_losia import train_reference
 from test_losia_support import one_thread  # noqa: F401  (autouse fixture)
-from test_losia_support import build, make_optimizer, tiny_gemma, tiny_llama, train
+from test_losia_support import batch, build, make_optimizer, tiny_gemma, tiny_llama, train
 
 STEPS = 24  # T = 3: eight slot ends, every matrix of a 2-layer model moves at least four times
 
@@ -86,3 +86,21 @@ def test_compat_mode_matches_reference_adamw():
     state, ref_state = method.export(model).state_dict(), reference.state_dict()
     for key in state:
         torch.testing.assert_close(state[key], ref_state[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["losia", "losia_pro"])
+def test_tied_head_gradient_has_both_paths(name):
+    """The block's gradient and the scorer's full gradient equal the tied weight's true gradient (the
+    head path plus the embedding lookup, whose padding row gets none); 0.098 off without the lookup."""
+    model, method = build(tiny_gemma, name=name, lm_head_rows=0.25)
+    head = next(t.module for t in method.targets if t.name == "lm_head")
+    ids = batch(0, 0)
+    assert (ids == model.config.pad_token_id).any()
+    model(input_ids=ids, labels=ids).loss.backward()
+    full = tiny_gemma()
+    full.requires_grad_(False)
+    full.lm_head.weight.requires_grad_(True)
+    full(input_ids=ids, labels=ids).loss.backward()
+    tied_grad = full.lm_head.weight.grad
+    torch.testing.assert_close(head.sub.grad, tied_grad[head.rows], atol=1e-6, rtol=0)
+    torch.testing.assert_close(head.scorer.grad_acc, tied_grad, atol=1e-6, rtol=0)
