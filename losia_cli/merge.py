@@ -8,7 +8,6 @@ then renamed to `--out`: a failed or interrupted merge leaves nothing that looks
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 
 from losia_cli import atomic
+from losia_cli.engine.fingerprint import tensor_sha256 as _sha256  # a name tests can patch
 from losia_cli.models import DTYPES
 
 PEFT_METHODS = {"lora", "dora", "pissa"}
@@ -70,10 +70,6 @@ def build_merged(run_dir: Path):
     with torch.no_grad():
         reference = adapted(probe_tokens(base)).logits  # the adapter model, before folding
     return adapted.merge_and_unload(), tokenizer, reference
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5GB", force: bool = False) -> dict:

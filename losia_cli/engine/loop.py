@@ -26,8 +26,9 @@ from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.engine import checkpoint
 from losia_cli.engine.distributed import (
-    count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, ranks_in_sync, shard_model,
+    count_grad_sync_bytes, deepspeed_optimizer, make_accelerator, shard_model,
 )
+from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import RunRecords, step_timings
@@ -263,7 +264,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
     progress.close()
     method.finalize(unwrapped)
     sharded = fsdp or cfg.dist.name == "zero3"
-    in_sync = sharded or ranks_in_sync(accelerator, unwrapped)
+    in_sync = ranks_in_sync(accelerator, unwrapped)
     full_state = checkpoint.whole_state_dict(accelerator, model) if sharded else None
     if main:
         final = method.export(unwrapped)
