@@ -25,12 +25,14 @@ def route_tied_embedding(embedding: nn.Module, head: SubnetLinear):
         # HF's scaled embeddings (Gemma) multiply the looked-up rows by embed_scale.
         scale = getattr(module, "embed_scale", torch.ones((), device=weight.device)).to(weight.dtype)
         pos = torch.searchsorted(head.rows, ids).clamp_(max=head.rows.numel() - 1)  # rows are sorted
-        # The padding row gets no gradient from the lookup.
+        in_block = head.rows[pos] == ids
+        # The padding row gets no gradient from the lookup (its value still counts).
         looked_up = ids != (-1 if module.padding_idx is None else module.padding_idx)
-        hit = (head.rows[pos] == ids) & looked_up
+        block_rows = head.sub[pos]
+        block_rows = torch.where(looked_up[..., None], block_rows, block_rows.detach())
         # Zero in value under write-through (W[R] == sub); the trained block's offset in delta form.
-        offset = head.sub[pos].to(weight.dtype) - weight.detach()[ids]
-        output = output + torch.where(hit[..., None], offset * scale, 0)
+        offset = block_rows.to(weight.dtype) - weight.detach()[ids]
+        output = output + torch.where(in_block[..., None], offset * scale, 0)
         if training and head.scorer is not None:
             grad_acc, rows = head.scorer.grad_acc, ids[looked_up]
 
