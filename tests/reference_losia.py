@@ -111,7 +111,7 @@ def train_reference(
     period: int = 3,
     p: float = 0.25,
     lm_head_rows: float = 0.0,
-    sync: bool = False,
+    schedule: str = "async",
     dense_extras: str = "none",
     grad_accum: int = 1,
     lr: float = 1e-2,
@@ -131,7 +131,9 @@ def train_reference(
     ]
     if lm_head_rows > 0:
         found.append(("lm_head", head))
-    layer = {name: -1 if mod is head else int(re.search(r"layers\.(\d+)\.", name).group(1)) for name, mod in found}
+    layer = {
+        name: -1 if mod is head else int(re.search(r"layers\.(\d+)\.", name).group(1)) for name, mod in found
+    }
     slot_of = {lay: i for i, lay in enumerate(sorted(set(layer.values())))}
     num_slots = len(slot_of)
 
@@ -173,7 +175,10 @@ def train_reference(
 
     for t in range(steps):
         owner = (t // period) % num_slots
-        scoring = (set(range(num_slots)) if owner == 0 else set()) if sync else {owner}
+        if schedule == "sync":  # every slot scores in slot 0 of the cycle
+            scoring = set(range(num_slots)) if owner == 0 else set()
+        else:
+            scoring = {owner}
         slot_lr = [lr * rewarm_factor(t, restarts[s], period, total_steps, warmup, rho, adamw == "hf")
                    for s in range(num_slots)]
         extras_lr = lr * base_lr_factor(t, total_steps, warmup, rho)
