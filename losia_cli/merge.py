@@ -8,19 +8,15 @@ then renamed to `--out`: a failed or interrupted merge leaves nothing that looks
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from losia_cli import atomic
+from losia_cli.engine.fingerprint import tensor_sha256 as _sha256  # a name tests can patch
 from losia_cli.errors import MergeError
 from losia_cli.models import DTYPES, load_plain, load_run_model, probe_tokens, run_config
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5GB", force: bool = False) -> dict:

@@ -159,6 +159,8 @@ def test_sharded_weights_train_the_same_model(runs, tiny_llama_dir, method, dist
     if method == "losia_pro":  # both runs are in `runs` already
         got, reference = runs["fsdp-losia_pro"], runs["ddp-losia_pro"]
         assert blocks(got) == blocks(reference)
+        # Checked, not assumed: the ranks' replicated tensors (R, C, norms) hash the same.
+        assert json.loads((got / "report.json").read_text())["ranks_in_sync"] is True
         # Really sharded (accelerate's own FSDP would fall back to DDP on CPU): DTensor parameters.
         assert json.loads((got / "checkpoints" / "step-8" / "trainer_state.json").read_text())["sharded"]
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -136,12 +137,16 @@ def test_existing_run_dir_is_not_clobbered(tiny_config):
 
 
 def test_losia_pro_bf16_autocast_with_activation_checkpointing(tiny_config):
+    common = ("method=losia_pro", "method.period=1", "train.max_steps=3")
     run_dir = train(tiny_config(
-        "bf16", "method=losia_pro", "method.period=1", "train.max_steps=3", "train.precision=bf16",
-        "train.activation_checkpointing=true",
+        "bf16", *common, "train.precision=bf16", "train.activation_checkpointing=true",
     ))
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["final_loss"] == report["final_loss"]  # finite, not NaN
+    fp32_dir = train(tiny_config("fp32", *common))
+    losses, fp32_losses = ([json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+                           for d in (run_dir, fp32_dir))
+    assert all(math.isfinite(loss) for loss in losses)  # neither NaN nor inf
+    # bf16 autocast and recomputation follow the fp32 trajectory up to bf16 rounding.
+    assert losses == pytest.approx(fp32_losses, rel=1e-2)
     subnets = [json.loads(line) for line in (run_dir / "subnets.jsonl").read_text().splitlines()]
     assert {r["step"] for r in subnets} >= {0, 1, 2}  # initial blocks, then a re-localization per step
 
@@ -170,5 +175,5 @@ def test_compare_trains_evaluates_and_tabulates(tiny_llama_dir, tmp_path, capsys
     result = json.loads(next(tmp_path.glob("compare-*/compare.json")).read_text())
     assert [row["method"] for row in result["methods"]] == ["losia_pro", "lora"]
     assert all("acc" in row["tasks"]["boolq"] for row in result["methods"])
-    assert all(isinstance(row["forgetting_delta"], float) for row in result["methods"])
+    assert all(math.isfinite(row["forgetting_delta"]) for row in result["methods"])
     assert "comparison ->" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from losia_cli.cli import main
 from losia_cli.engine.loop import train
@@ -16,19 +17,36 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+def perturbed_copy(model_dir, out):
+    """The model with its final norm scaled: a baseline that scores differently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def test_eval_writes_results_and_samples(capsys, tiny_llama_dir, tmp_path):
+    baseline = perturbed_copy(tiny_llama_dir, tmp_path / "baseline")
     code, out, err = run(
         capsys, "eval", str(tiny_llama_dir), "tasks=[gsm8k@bundled:gsm8k_sample,boolq@bundled:boolq_sample]",
-        "limit=3", "max_new_tokens=4", "--baseline", str(tiny_llama_dir), "--out", str(tmp_path / "ev"),
+        "limit=3", "max_new_tokens=4", "--baseline", str(baseline), "--out", str(tmp_path / "ev"),
     )
     assert code == 0, err
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(results["tasks"]) == {"gsm8k", "boolq"}
     assert results["tasks"]["gsm8k"]["n"] == 3 and "exact_match" in results["tasks"]["gsm8k"]["metrics"]
-    assert {"acc", "acc_norm"} <= results["tasks"]["boolq"]["metrics"].keys()
-    # Same model as its own baseline: every delta, and the forgetting delta, is exactly zero.
-    assert all(d == 0 for d in results["tasks"]["boolq"]["delta_vs_baseline"].values())
-    assert results["config"]["forgetting_delta"] == 0
+    boolq = results["tasks"]["boolq"]
+    assert {"acc", "acc_norm"} <= boolq["metrics"].keys()
+    # Each delta is the model's metric minus the baseline's, and the forgetting delta the loss gap.
+    for metric, delta in boolq["delta_vs_baseline"].items():
+        assert delta == pytest.approx(boolq["metrics"][metric] - boolq["baseline_metrics"][metric])
+    config = results["config"]
+    gap = config["general_text_loss"]["loss"] - config["general_text_loss_baseline"]["loss"]
+    assert config["forgetting_delta"] == pytest.approx(gap) and abs(gap) > 1e-3
     samples = (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()
     assert len(samples) >= 3 and "Δ" in out
 

@@ -3,6 +3,7 @@ SmolLM2's real tokenizer."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,19 @@ def test_evaluate_and_results_files(tiny, tmp_path):
     assert len(lines) == 4 + 2 + 2 and {json.loads(line)["task"] for line in lines} == set(results)
     assert not list((tmp_path / "eval").glob(".*tmp"))
     assert results_table(results).row_count == 2 + 1 + 1
+
+
+def test_gsm8k_scores_a_correct_generation(tiny, monkeypatch):
+    """A generation that ends in the gold answer counts; a wrong one does not (raw GSM8K rows, rendered
+    by the task, reference taken from '#### N')."""
+    from losia_cli.eval import runner
+
+    model, tokenizer = tiny
+    sample = Path(__file__).parents[1] / "data_templates" / "samples" / "gsm8k_sample.jsonl"
+    rows = [json.loads(line) for line in sample.read_text().splitlines()][:3]
+    outputs = [["15 * 4 = 60 a week, 60 * 4 = 240.\n#### 240"], ["The answer is 161."], ["Together: $90.00"]]
+    monkeypatch.setattr(runner, "generate_samples", lambda *args, **kwargs: outputs)
+    result = evaluate(model, tokenizer, "gsm8k", rows)
+    assert [s["reference"] for s in result["samples"]] == ["240", "160", "90"]
+    assert [s["correct"] for s in result["samples"]] == [True, False, True]
+    assert result["metrics"]["exact_match"] == pytest.approx(2 / 3)

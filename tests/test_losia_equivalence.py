@@ -44,16 +44,18 @@ def test_pro_matches_dense_reference(grad_accum):
 
 
 @pytest.mark.parametrize(
-    "model_fn, cfg",
+    "model_fn, cfg, atol",
     [
-        (tiny_llama, {"schedule": "sync"}),
-        (tiny_gemma, {"lm_head_rows": 0.25, "dense_extras": "norms"}),  # tied lm_head as slot 0
-        (tiny_qwen2, {"dense_extras": "all", "importance": "param_second", "compat_keep_step_counter": True}),
+        (tiny_llama, {"schedule": "sync"}, 1e-5),
+        # Tied lm_head as slot 0: its block also takes the embedding path's gradient, and the GEMM
+        # rounding between the two forms grows to 1.4e-5 over 50 steps (same blocks throughout).
+        (tiny_gemma, {"lm_head_rows": 0.25, "dense_extras": "norms"}, 5e-5),
+        (tiny_qwen2, {"dense_extras": "all", "importance": "param_second", "compat_keep_step_counter": True}, 1e-5),
     ],
     ids=["llama-sync", "gemma-lm_head", "qwen2-extras"],
 )
-def test_pro_matches_dense_reference_variants(model_fn, cfg):
-    assert_same_run(run("losia", model_fn=model_fn, **cfg), run("losia_pro", model_fn=model_fn, **cfg))
+def test_pro_matches_dense_reference_variants(model_fn, cfg, atol):
+    assert_same_run(run("losia", model_fn=model_fn, **cfg), run("losia_pro", model_fn=model_fn, **cfg), atol)
 
 
 def tiny_gpt2():

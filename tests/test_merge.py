@@ -74,3 +74,29 @@ def test_clear_errors_for_unfinished_or_corrupt_runs(full_run, tmp_path):
     shutil.rmtree(full_run / "final")
     with pytest.raises(MergeError, match="no final/"):
         merge(full_run, tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda model: model.model.norm.weight.add_(1e-3), "tensors differ"),
+        # A non-persistent buffer: the state dicts agree, only the forward shows it.
+        (lambda model: model.model.rotary_emb.inv_freq.mul_(1.5), "logits differ"),
+    ],
+    ids=["tensor", "logits"],
+)
+def test_merge_refuses_a_copy_that_reloads_differently(full_run, tmp_path, monkeypatch, damage, message):
+    real_load = merge_module._load_plain
+
+    def load_damaged_copy(path, dtype=torch.float32):
+        model = real_load(path, dtype)
+        if path.name != "final":  # the freshly written copy, not the run's own final/
+            with torch.no_grad():
+                damage(model)
+        return model
+
+    monkeypatch.setattr(merge_module, "_load_plain", load_damaged_copy)
+    with pytest.raises(MergeError, match=f"verification failed: .*{message}"):
+        merge(full_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())

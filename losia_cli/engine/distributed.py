@@ -121,13 +121,3 @@ def count_grad_sync_bytes(model) -> dict | None:
 
     model.register_comm_hook(None, counting_allreduce)
     return counter
-
-
-def ranks_in_sync(accelerator: Accelerator, model) -> bool:
-    """Every rank holds the same weights and buffers (LoSiA's R, C included): compares per-tensor
-    fp64 sums across ranks, a cheap fingerprint that differs as soon as one element does."""
-    if accelerator.num_processes == 1:
-        return True
-    sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
-    gathered = accelerator.gather(sums.to(accelerator.device)).view(accelerator.num_processes, -1)
-    return bool((gathered == gathered[0]).all())

@@ -27,8 +27,9 @@ from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.engine import checkpoint
 from losia_cli.engine.distributed import (
-    AcceleratorDist, count_grad_sync_bytes, make_accelerator, ranks_in_sync, shard_model,
+    AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
 )
+from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import RunRecords, step_timings
@@ -256,7 +257,7 @@ def finish(run: Run) -> Path:
     cfg, method, accelerator = run.cfg, run.method, run.accelerator
     method.finalize(run.unwrapped)
     sharded = (cfg.dist.name == "fsdp" and run.world > 1) or cfg.dist.name == "zero3"
-    in_sync = sharded or ranks_in_sync(accelerator, run.unwrapped)
+    in_sync = ranks_in_sync(accelerator, run.unwrapped)
     full_state = checkpoint.whole_state_dict(accelerator, run.model) if sharded else None
     if not run.main:
         return run.run_dir

@@ -79,7 +79,9 @@ class LosiaConfig(BaseModel):
     does; this switches Adam's bias correction off after the first reset (doc 5.3)."""
 
     compat_eps: bool = False
-    """Use Adam eps 1e-6 on the subnet groups, as the reference's custom AdamW does."""
+    """Give the subnet groups the reference's AdamW eps: 1e-6 added to sqrt(v) before the bias
+    correction (HF style; torch adds eps after it), doc 5.2. Weight decay still comes before the update
+    (torch) rather than after (reference); the reference scripts use none."""
 
     fp32_sub: bool = True
     """Keep the trainable block `sub` in fp32 (a master copy) even when the model weights are bf16."""

@@ -25,6 +25,7 @@ from .config import LosiaConfig
 from .layer import SubnetLinear, is_conv1d
 from .schedule import Rewarm, SlotSchedule, layer_index
 from .selection import magnitude_block, random_block, select_block
+from .tied import route_tied_embedding
 
 LM_HEAD_LAYER = -1  # the `layer` logged for the output head
 
@@ -87,6 +88,7 @@ class LosiaMethod(Method):
         self.relocalization_time_s = 0.0  # scoring -> new block, summed over the run (report.json)
         self.rank_disagreements = 0  # blocks a rank chose differently from rank 0 (must stay 0)
         self.delta = False
+        self.tied_hook = None  # the embedding hook of a subnet-trained tied head
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -134,6 +136,10 @@ class LosiaMethod(Method):
             self.targets.append(Target(name, wrapped, slot_of[layers[name]], layers[name], p))
 
         self.slots = [[t for t in self.targets if t.slot == slot] for slot in range(len(slot_of))]
+        head_target = next((t for t in self.targets if t.layer == LM_HEAD_LAYER), None)
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if head_target and embedding is not None and embedding.weight is head_target.module.weight:
+            self.tied_hook = route_tied_embedding(embedding, head_target.module)
         for param in self._dense_extras(model):
             param.requires_grad_(True)
         self.slot_schedule = SlotSchedule(len(self.slots), cfg.period, sync=cfg.schedule == "sync")
@@ -198,13 +204,26 @@ class LosiaMethod(Method):
                 "weight_decay": weight_decay,
                 "name": "losia.lm_head" if layer == LM_HEAD_LAYER else f"losia.layer{layer}",
             }
-            if self.cfg.compat_eps:
-                group["eps"] = 1e-6
             groups.append(group)
         if self.extras:
             extras = {"params": self.extras, "lr": lr, "weight_decay": weight_decay, "name": "dense_extras"}
             groups.append(extras)
         return groups
+
+    def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
+        """Plain AdamW; with `compat_eps` the subnet groups take the reference's eps (see below)."""
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        if self.cfg.compat_eps:
+            optimizer.register_step_pre_hook(self._reference_eps)
+        return optimizer
+
+    def _reference_eps(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """The reference's AdamW adds eps=1e-6 to sqrt(v) before the bias correction sqrt(1-beta2^t),
+        torch adds eps after it: eps/sqrt(1-beta2^t) in torch gives the reference's update."""
+        for group in optimizer.param_groups[: len(self.slots)]:
+            state = optimizer.state.get(group["params"][0], {})
+            step = float(state.get("step", 0)) + 1  # the counter this step will use
+            group["eps"] = 1e-6 / math.sqrt(1.0 - group["betas"][1] ** step)
 
     # --- per step -----------------------------------------------------------------------------
     def lr_factors(self, step: int, num_groups: int) -> list[float]:
@@ -357,6 +376,8 @@ class LosiaMethod(Method):
         memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
         memo.update({id(t.module): t.module for t in self.targets})
         plain = copy.deepcopy(model, memo)
+        if self.tied_hook is not None:  # the copy's embedding is a plain lookup again
+            plain.get_input_embeddings()._forward_hooks.pop(self.tied_hook.id)
         for t in self.targets:
             plain.set_submodule(t.name, t.module.to_plain())
         return plain
