@@ -1,0 +1,177 @@
+"""Each attack a hostile program tried on the code sandbox, run from a root evaluator and from a
+non-root one (`nobody`): every test here fails when the protection it names is removed."""
+
+import glob
+import os
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+from sandbox_support import SECRET, USERS, run_as
+
+from losia_cli.eval import sandbox
+from losia_cli.eval.sandbox import CodeExecutionNotAllowed, run_code
+
+pytestmark = pytest.mark.parametrize("user", USERS)
+
+
+def _leftover_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "losia-sandbox-*")))
+
+
+@pytest.mark.parametrize("attack", ["os.kill(os.getppid(), signal.SIGKILL)", "os.kill(-1, signal.SIGKILL)",
+                                    "os.kill(0, signal.SIGKILL)", "os.kill(EVALUATOR_PID, signal.SIGKILL)"])
+def test_the_program_cannot_kill_the_evaluator(user, attack):  # PID namespace + setsid
+    before = _leftover_dirs()
+    result = run_as(user, f"import os, signal\ntry:\n    {attack}\nexcept OSError:\n    pass\nprint('alive')")
+    assert result.passed and result.stdout == "alive\n", result.stderr  # PID 1 of its namespace: unkillable from inside
+    assert _leftover_dirs() == before
+
+
+def test_a_double_forked_setsid_child_dies_with_the_program(user):  # PID namespace
+    program = ("import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               "        os.execv('/bin/sleep', ['sleep', '987.654'])\n    os._exit(0)\nos.wait()\nprint('done')")
+    result = run_as(user, program)
+    assert result.passed, result.stderr
+    deadline = time.monotonic() + 3
+    while _sleepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _sleepers()
+
+
+def _sleepers() -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\x00987.654\x00":
+                    found.append(pid)
+        except OSError:
+            pass
+    for pid in found:  # do not leave it behind when the test fails
+        subprocess.run(["kill", "-9", pid], capture_output=True)
+    return found
+
+
+def test_files_outside_the_temp_dir_can_be_neither_written_nor_deleted(user, tmp_path):  # mount ns + chroot
+    tmp_path.chmod(0o777)  # open to anyone: only the sandbox stands between the program and it
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    victim.chmod(0o666)
+    program = f"""
+import os
+for attempt in (lambda: open({str(victim)!r}, "a").write("x"), lambda: os.remove({str(victim)!r}),
+                lambda: open({str(tmp_path / "new.txt")!r}, "w").write("x"),
+                lambda: open("/usr/losia-new", "w").write("x"), lambda: open("/etc/losia-new", "w").write("x")):
+    try:
+        attempt()
+        print("ESCAPED")
+    except OSError:
+        pass
+open("inside.txt", "w").write("fine")  # its own temp dir stays writable
+"""
+    result = run_as(user, program)
+    assert result.passed and "ESCAPED" not in result.stdout, result.stderr
+    assert victim.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+
+
+def test_host_files_and_the_evaluator_environment_are_not_readable(user):  # chroot + own /proc
+    program = """
+import os
+for path in ("/etc/passwd", "/proc/EVALUATOR_PID/environ", "/proc/1/environ"):
+    try:
+        print(open(path, "rb").read().decode(errors="replace"))
+    except OSError:
+        pass
+"""
+    result = run_as(user, program)
+    assert result.passed, result.stderr
+    assert "root:" not in result.stdout and SECRET not in result.stdout
+
+
+def test_a_chroot_escape_fails_without_capabilities(user):  # capabilities dropped
+    program = """
+import os
+os.mkdir("jail")
+os.chroot("jail")
+for _ in range(64):
+    os.chdir("..")
+os.chroot(".")
+print(open("/etc/passwd").read())
+"""
+    result = run_as(user, program)
+    assert result.status == "error" and "PermissionError" in result.stderr and "root:" not in result.stdout
+
+
+def test_fork_bomb_is_limited(user):  # RLIMIT_NPROC, counted per sandbox
+    program = """
+import os, time
+started = 0
+for _ in range(100):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        started += 1
+    except OSError:
+        break
+print(started)
+"""
+    result = run_as(user, program, max_processes=12)
+    assert result.passed, result.stderr
+    assert int(result.stdout) < 12
+
+
+def test_memory_is_limited_in_every_child(user):  # RLIMIT_AS, inherited by each child
+    program = """
+import os
+pids = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            block = bytearray(300 << 20)
+            os._exit(0)
+        except MemoryError:
+            os._exit(7)
+    pids.append(pid)
+print([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
+"""
+    result = run_as(user, program, memory_mb=256)
+    assert result.passed and result.stdout.strip() == "[7, 7, 7]", result.stderr
+
+
+def test_deleting_its_own_files_does_not_break_the_eval(user):  # output outside the program's reach
+    program = "import os, shutil\nprint('kept')\nfor name in os.listdir('.'):\n    os.remove(name)\nos.chmod('.', 0)"
+    result = run_as(user, program)
+    assert result.passed and result.stdout == "kept\n", result.stderr
+
+
+CONNECT = {
+    "socket": "import socket\nsocket.create_connection(('127.0.0.1', PORT), timeout=2)",
+    "mro": "import socket\nraw = socket.socket.__mro__[-2]\ns = raw(socket.AF_INET, socket.SOCK_STREAM)\n"
+           "s.settimeout(2)\ns.connect(('127.0.0.1', PORT))",
+    "fresh_interpreter": "import subprocess, sys\nsubprocess.run([sys.executable, '-S', '-c', "
+                         "\"import socket; socket.create_connection(('127.0.0.1', PORT), timeout=2)\"], check=True)",
+}
+
+
+@pytest.mark.parametrize("how", sorted(CONNECT))
+def test_no_network_even_to_a_listening_local_port(user, how):  # network namespace
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result = run_as(user, CONNECT[how].replace("PORT", str(port)) + "\nprint('CONNECTED')")
+    assert result.status == "error" and "CONNECTED" not in result.stdout
+
+
+def test_refused_without_namespaces_unless_unsafe(user, monkeypatch, tmp_path):
+    if user != "self":
+        pytest.skip("a monkeypatch cannot reach the nobody evaluator")
+    monkeypatch.setattr(sandbox, "sandbox_unavailable", lambda: "unshare: unshare failed: Operation not permitted")
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=unsafe") as err:
+        run_code("print(1)", allow_code_exec=True)
+    assert "Operation not permitted" in str(err.value) and len(str(err.value).splitlines()) == 1
+    result = run_code("import os\nprint(os.path.exists('/etc/passwd'))", allow_code_exec="unsafe")
+    assert result.passed and result.stdout == "True\n"  # unsafe: the host is visible
