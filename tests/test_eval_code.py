@@ -1,5 +1,4 @@
 import math
-import os
 import time
 
 import pytest
@@ -49,20 +48,10 @@ def test_bad_programs_fail_cleanly(program, status):
     assert time.perf_counter() - start < 10
 
 
-def test_timeout_kills_process_group(tmp_path):
-    marker = tmp_path / "alive"
-    program = (f"import os, time\nif os.fork() == 0:\n    time.sleep(3)\n    open({str(marker)!r}, 'w').close()\n"
-               "    os._exit(0)\nwhile True:\n    pass")
-    assert run_code(program, allow_code_exec=True, timeout_s=1).status == "timeout"
-    time.sleep(3.5)
-    assert not marker.exists()  # the forked child died with the group
-
-
-def test_output_is_truncated_and_cwd_is_temporary():
+def test_output_is_truncated_and_cwd_is_the_sandbox_tmp():
     result = run_code("import os\nprint(os.getcwd())\nprint('x' * 100000)", allow_code_exec=True,
                       max_output_bytes=1000)
-    assert result.passed and "losia-sandbox-" in result.stdout and result.stdout.endswith("[truncated]")
-    assert os.getcwd() not in result.stdout.splitlines()[0]
+    assert result.passed and result.stdout.startswith("/tmp\n") and result.stdout.endswith("[truncated]")
 
 
 def test_refuses_without_allow_code_exec():

@@ -41,6 +41,15 @@ def test_a_double_forked_setsid_child_dies_with_the_program(user):  # PID namesp
     assert not _sleepers()
 
 
+def test_nothing_outlives_a_timeout(user):  # --kill-child: PID 1, and with it the namespace, dies
+    program = "import os\nif os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '987.654'])\nwhile True:\n    pass"
+    assert run_as(user, program, timeout_s=1).status == "timeout"
+    deadline = time.monotonic() + 3
+    while _sleepers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _sleepers()
+
+
 def _sleepers() -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -242,6 +242,14 @@ def sandbox_unavailable() -> str | None:
     return lines[-1] if lines else f"exit status {result.returncode}"
 
 
+def require_code_exec(allow_code_exec: bool | str, what: str = "this evaluation") -> None:
+    """Raise CodeExecutionNotAllowed unless code may run: opted into, and sandboxed unless "unsafe"."""
+    if not allow_code_exec:
+        raise CodeExecutionNotAllowed(what)
+    if allow_code_exec != "unsafe" and (reason := sandbox_unavailable()):
+        raise CodeExecutionNotAllowed(what, reason)
+
+
 def run_code(
     program: str,
     *,
@@ -256,10 +264,6 @@ def run_code(
     """Run `program` (Python source) in the sandbox and report how it ended. allow_code_exec:
     true runs it sandboxed (refused where the sandbox is unavailable); "unsafe" runs it with only
     the time and rlimit limits (the program can then reach the network, files and processes)."""
-    if not allow_code_exec:
-        raise CodeExecutionNotAllowed()
-    unsafe = allow_code_exec == "unsafe"
-    if not unsafe and (reason := sandbox_unavailable()):
-        raise CodeExecutionNotAllowed(reason=reason)
-    return _execute(program, unsafe, timeout_s, memory_mb, max_output_bytes, max_file_mb, max_processes,
+    require_code_exec(allow_code_exec)
+    return _execute(program, allow_code_exec == "unsafe", timeout_s, memory_mb, max_output_bytes, max_file_mb, max_processes,
                     tmpfs_mb)
