@@ -4,8 +4,6 @@ non-root one (`nobody`): every test here fails when the protection it names is r
 import glob
 import os
 import socket
-import stat
-import subprocess
 import time
 
 import pytest
@@ -30,37 +28,46 @@ def test_the_program_cannot_kill_the_evaluator(user, attack):  # PID namespace +
     assert _leftover_dirs() == before
 
 
+# Prefix the program with READ_END_PIPE: the sleeper's copy of the write end closes when it execs (os.pipe
+# is close-on-exec), so this read returns only once `sleep 987.654` runs, however loaded the machine.
+WAIT_FOR_EXEC = "os.close(w)\nos.read(r, 1)\n"
+READ_END_PIPE = "import os\nr, w = os.pipe()\n"
+
+
 def test_a_double_forked_setsid_child_dies_with_the_program(user):  # PID namespace
-    program = ("import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-               "        os.execv('/bin/sleep', ['sleep', '987.654'])\n    os._exit(0)\nos.wait()\nprint('done')")
+    program = (READ_END_PIPE + "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               "        os.execv('/bin/sleep', ['sleep', '987.654'])\n    os._exit(0)\n" + WAIT_FOR_EXEC + "print('done')")
     result = run_as(user, program)
     assert result.passed, result.stderr
-    deadline = time.monotonic() + 3
-    while _sleepers() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _sleepers()
+    _assert_no_sleeper_left()
 
 
 def test_nothing_outlives_a_timeout(user):  # --kill-child: PID 1, and with it the namespace, dies
-    program = "import os\nif os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '987.654'])\nwhile True:\n    pass"
-    assert run_as(user, program, timeout_s=1).status == "timeout"
+    program = (READ_END_PIPE + "if os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '987.654'])\n" + WAIT_FOR_EXEC
+               + "while True:\n    pass")
+    assert run_as(user, program, timeout_s=3).status == "timeout"
+    _assert_no_sleeper_left()
+
+
+def _assert_no_sleeper_left() -> None:
+    """No `sleep 987.654` left on the host (after a grace period for the kernel to reap it)."""
     deadline = time.monotonic() + 3
-    while _sleepers() and time.monotonic() < deadline:
+    while (found := _sleepers()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _sleepers()
+    for pid in found:  # do not leave it behind when the test fails
+        os.kill(pid, 9)
+    assert not found
 
 
-def _sleepers() -> list[str]:
+def _sleepers() -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if f.read() == b"sleep\x00987.654\x00":
-                    found.append(pid)
+                    found.append(int(pid))
         except OSError:
             pass
-    for pid in found:  # do not leave it behind when the test fails
-        subprocess.run(["kill", "-9", pid], capture_output=True)
     return found
 
 

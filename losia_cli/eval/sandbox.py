@@ -124,6 +124,7 @@ if uid >= 0:
 else:
     for cap in range(64):  # root of a user namespace: an empty bounding set leaves none after exec
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: re-arms --kill-child, which a uid change clears
 libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 os.execv(python, [python, "-I", "program.py"])
 """
