@@ -44,7 +44,7 @@ def test_a_double_forked_setsid_child_dies_with_the_program(user):  # PID namesp
 
 def test_nothing_outlives_a_timeout(user):  # --kill-child: PID 1, and with it the namespace, dies
     program = (READ_END_PIPE + "if os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '987.654'])\n" + WAIT_FOR_EXEC
-               + "while True:\n    pass")
+               + "import time\ntime.sleep(60)")  # sleeps, not spins: if the test fails, what is left idles
     assert run_as(user, program, timeout_s=3).status == "timeout"
     _assert_no_sleeper_left()
 
