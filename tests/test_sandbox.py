@@ -140,7 +140,7 @@ print(started)
     assert int(result.stdout) < 12
 
 
-def test_memory_is_limited_in_every_child(user):  # RLIMIT_AS, inherited by each child
+def test_memory_is_limited_in_every_process(user):  # RLIMIT_AS, inherited by each child
     program = """
 import os
 pids = []
@@ -157,6 +157,25 @@ print([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
 """
     result = run_as(user, program, memory_mb=256)
     assert result.passed and result.stdout.strip() == "[7, 7, 7]", result.stderr
+
+
+def test_memory_is_limited_for_the_whole_program(user):  # the sandbox's memory cgroup
+    if user == "nobody" or sandbox._memory_cgroup_parent() is None:
+        pytest.skip("no memory cgroup to create here: each process is limited on its own")
+    program = """
+import os, time
+pids = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        block = b"x" * (150 << 20)  # written, so resident: 450 MB in all
+        time.sleep(2)
+        os._exit(0)
+    pids.append(pid)
+print([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])
+"""
+    result = run_as(user, program, memory_mb=256)
+    assert result.status == "oom" or "-9" in result.stdout, (result.stdout, result.stderr)
 
 
 def test_deleting_its_own_files_does_not_break_the_eval(user):  # output outside the program's reach

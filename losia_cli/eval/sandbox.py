@@ -11,8 +11,10 @@ it chroots there and drops every privilege before the program starts:
 - as root it runs as a fresh unprivileged uid; as a non-root user its capabilities are dropped
   (empty bounding set, no_new_privs), so it cannot remount, chroot out or regain them;
 - limits: RLIMIT_NPROC per sandbox (each sandbox has its own uid or user namespace, so the count is
-  its own), RLIMIT_AS per process, RLIMIT_FSIZE, no core files. The memory of the whole program is
-  therefore at most `max_processes * memory_mb` plus the `tmpfs_mb` of /tmp (no cgroup is used);
+  its own), RLIMIT_AS per process, RLIMIT_FSIZE, no core files; `memory_mb` bounds the whole
+  program (all processes and /tmp) through a memory cgroup of its own where the evaluator can
+  create one (cgroup v1, or v2 with the memory controller delegated; in practice as root), and
+  otherwise each process only, so at most `max_processes * memory_mb` plus the `tmpfs_mb` of /tmp;
 - the program's source goes in over stdin and its output to unlinked files the evaluator opened, so
   nothing the program deletes or rewrites in its own directory affects the evaluation.
 
@@ -68,10 +70,14 @@ class ExecResult:
 # PID 1 of the sandbox, run by the evaluator's interpreter before the program: builds the new root,
 # chroots, sets the limits, drops privileges and execs a fresh interpreter on the program (stdin).
 # argv: new-root mountpoint, uid to become (-1: stay, drop capabilities), memory, file size,
-# process count, /tmp size (bytes), python, then the read-only binds; symlinks as "link=target".
+# process count, /tmp size (bytes), python, the cgroup.procs file to join ("-": none), then the
+# read-only binds; symlinks as "link=target".
 _SETUP = r"""
 import ctypes, os, resource, sys
 root, uid, mem, fsize, nproc, tmp_size, python = sys.argv[1], *map(int, sys.argv[2:7]), sys.argv[7]
+if sys.argv[8] != "-":  # first, so that every process of the sandbox counts against the cgroup
+    with open(sys.argv[8], "w") as f:
+        f.write("0")
 libc = ctypes.CDLL(None, use_errno=True)
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
 ST_KEEP = {8: NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}  # flags a remount must keep in a userns
@@ -93,7 +99,7 @@ def bind_ro(src, dst):
 program = sys.stdin.buffer.read()
 os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
 mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
-for spec in sys.argv[8:]:
+for spec in sys.argv[9:]:
     link, _, target = spec.partition("=")
     if target:
         os.symlink(target, root + link)
@@ -167,6 +173,53 @@ def _read_only_binds() -> list[str]:
     return [b for b in binds if "=" in b or os.path.exists(b)]
 
 
+@functools.cache
+def _memory_cgroup_parent() -> tuple[str, str] | None:
+    """(directory, limit file) of the memory cgroup under which this evaluator can create one child
+    per sandbox: cgroup v1's memory hierarchy, or v2 with the memory controller delegated. None where
+    there is none (typically as a non-root user): then only RLIMIT_AS bounds each process."""
+    with open("/proc/self/cgroup") as f:
+        entries = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in entries:
+        if "memory" in controllers.split(","):
+            parent, limit_file = "/sys/fs/cgroup/memory" + path, "memory.limit_in_bytes"
+        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            parent, limit_file = "/sys/fs/cgroup" + path.rstrip("/"), "memory.max"
+        else:
+            continue
+        probe = os.path.join(parent, f"losia-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+        except OSError:
+            continue
+        usable = os.path.exists(os.path.join(probe, limit_file))
+        os.rmdir(probe)
+        if usable:
+            return parent, limit_file
+    return None
+
+
+def _new_memory_cgroup(name: str, limit_bytes: int) -> str | None:
+    """A fresh cgroup limiting the memory of a whole sandbox (all its processes and its /tmp)."""
+    if (parent := _memory_cgroup_parent()) is None:
+        return None
+    group = os.path.join(parent[0], name)
+    os.mkdir(group)
+    with open(os.path.join(group, parent[1]), "w") as f:
+        f.write(str(limit_bytes))
+    return group
+
+
+def _remove_cgroup(group: str) -> None:
+    """Remove a sandbox's cgroup once the kernel has reaped its processes (rmdir fails until then)."""
+    for _ in range(500):
+        try:
+            os.rmdir(group)
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
 def _unshare_command(python_args: list[str]) -> list[str]:
     """`unshare` into fresh namespaces; a non-root user needs a user namespace to mount in it.
     --kill-child: if `unshare` dies (the evaluator kills it at the time limit), so does PID 1."""
@@ -206,8 +259,10 @@ def _execute(program: str, unsafe: bool, timeout_s: float, memory_mb: int, max_o
             cmd = [sys.executable, "-I", "-c", _LIMITS_ONLY, *limits]
         else:  # tmp stays empty: it is only where the sandbox mounts its new root
             uid = _sandbox_uid() if os.geteuid() == 0 else -1
+            cgroup = _new_memory_cgroup(os.path.basename(tmp), memory_mb << 20)
             cmd = _unshare_command([tmp, str(uid), *limits, str(max_processes), str(tmpfs_mb << 20),
-                                    sys.executable, *_read_only_binds()])
+                                    sys.executable, os.path.join(cgroup, "cgroup.procs") if cgroup else "-",
+                                    *_read_only_binds()])
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=tmp, env={**env, "HOME": tmp} if unsafe else env,
                                 stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True)
@@ -224,6 +279,8 @@ def _execute(program: str, unsafe: bool, timeout_s: float, memory_mb: int, max_o
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+            if not unsafe and cgroup:
+                _remove_cgroup(cgroup)
         duration = time.perf_counter() - start
         stdout, stderr = _read_head(out, max_output_bytes), _read_head(err, max_output_bytes)
     status = "timeout" if timed_out else _classify(proc.returncode, stderr)
