@@ -35,9 +35,6 @@ def test_mbpp_row():
     ("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True:\n    pass", "timeout"),
     ("x = bytearray(10**12)", "oom"),
     ("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))", "oom"),
-    ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)", "error"),
-    ("import urllib.request\nurllib.request.urlopen('http://10.255.255.1/', timeout=2)", "error"),
-    ("import _socket\n_socket.socket().connect(('127.0.0.1', 9))", "error"),
     ("raise SystemExit(3)", "error"),
     ("assert 1 == 2", "failed"),
 ])

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,10 @@ def mount(src, dst, fstype=None, flags=0, data=None):
         err = ctypes.get_errno()
         raise OSError(err, f"mount {dst}: {os.strerror(err)}")
 
+def prctl(option, arg):  # fails closed: a privilege that cannot be dropped stops the sandbox
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {arg})")
+
 def bind_ro(src, dst):
     os.makedirs(dst if os.path.isdir(src) else os.path.dirname(dst), exist_ok=True)
     if not os.path.isdir(src):
@@ -128,10 +133,12 @@ if uid >= 0:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability
 else:
-    for cap in range(64):  # root of a user namespace: an empty bounding set leaves none after exec
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: re-arms --kill-child, which a uid change clears
-libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):  # root of a user namespace: an empty bounding set leaves none after exec
+        prctl(24, cap)  # PR_CAPBSET_DROP
+prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: re-arms --kill-child, which a uid change clears
+prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
 os.execv(python, [python, "-I", "program.py"])
 """
 
@@ -187,7 +194,7 @@ def _memory_cgroup_parent() -> tuple[str, str] | None:
             parent, limit_file = "/sys/fs/cgroup" + path.rstrip("/"), "memory.max"
         else:
             continue
-        probe = os.path.join(parent, f"losia-probe-{os.getpid()}")
+        probe = os.path.join(parent, f"losia-probe-{os.getpid()}-{threading.get_ident()}")
         try:
             os.mkdir(probe)
         except OSError:
