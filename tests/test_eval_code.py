@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from losia_cli.eval import sandbox
 from losia_cli.eval.code import build_program, humaneval_items, mbpp_item, pass_at_k, score_code
 from losia_cli.eval.sandbox import CodeExecutionNotAllowed, run_code
 
@@ -49,6 +50,25 @@ def test_output_is_truncated_and_cwd_is_the_sandbox_tmp():
     result = run_code("import os\nprint(os.getcwd())\nprint('x' * 100000)", allow_code_exec=True,
                       max_output_bytes=1000)
     assert result.passed and result.stdout.startswith("/tmp\n") and result.stdout.endswith("[truncated]")
+
+
+def test_refused_without_the_sandbox_unless_unsafe(monkeypatch):
+    monkeypatch.setattr(sandbox, "sandbox_unavailable", lambda: "unshare: unshare failed: Operation not permitted")
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=unsafe") as err:
+        run_code("print(1)", allow_code_exec=True)
+    assert "Operation not permitted" in str(err.value) and len(str(err.value).splitlines()) == 1
+    result = run_code("import os\nprint(os.path.exists('/etc/passwd'))", allow_code_exec="unsafe")
+    assert result.passed and result.stdout == "True\n"  # unsafe: the host is visible
+
+
+def test_the_probe_says_why_the_sandbox_is_unavailable(monkeypatch):
+    failing = ["sh", "-c", "echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1"]
+    monkeypatch.setattr(sandbox, "_unshare_command", lambda args: failing)
+    sandbox.sandbox_unavailable.cache_clear()
+    try:
+        assert sandbox.sandbox_unavailable() == "unshare: unshare failed: Operation not permitted"
+    finally:
+        sandbox.sandbox_unavailable.cache_clear()
 
 
 def test_refuses_without_allow_code_exec():

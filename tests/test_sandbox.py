@@ -10,7 +10,6 @@ import pytest
 from sandbox_support import SECRET, USERS, run_as
 
 from losia_cli.eval import sandbox
-from losia_cli.eval.sandbox import CodeExecutionNotAllowed, run_code
 
 pytestmark = pytest.mark.parametrize("user", USERS)
 
@@ -199,14 +198,3 @@ def test_no_network_even_to_a_listening_local_port(user, how):  # network namesp
         port = server.getsockname()[1]
         result = run_as(user, CONNECT[how].replace("PORT", str(port)) + "\nprint('CONNECTED')")
     assert result.status == "error" and "CONNECTED" not in result.stdout
-
-
-def test_refused_without_namespaces_unless_unsafe(user, monkeypatch, tmp_path):
-    if user != "self":
-        pytest.skip("a monkeypatch cannot reach the nobody evaluator")
-    monkeypatch.setattr(sandbox, "sandbox_unavailable", lambda: "unshare: unshare failed: Operation not permitted")
-    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=unsafe") as err:
-        run_code("print(1)", allow_code_exec=True)
-    assert "Operation not permitted" in str(err.value) and len(str(err.value).splitlines()) == 1
-    result = run_code("import os\nprint(os.path.exists('/etc/passwd'))", allow_code_exec="unsafe")
-    assert result.passed and result.stdout == "True\n"  # unsafe: the host is visible
