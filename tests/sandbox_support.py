@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -50,17 +51,20 @@ print(json.dumps(result.to_dict()))
 """
 
 
-def run_as(user: str, program: str, **kwargs) -> ExecResult:
+def run_as(user: str, program: str, tmpdir: str = "/tmp", **kwargs) -> ExecResult:
     """Run `program` in the sandbox from an evaluator running as `user` ("self" or "nobody") with
-    SECRET in its environment; EVALUATOR_PID in the program becomes that evaluator's pid."""
+    SECRET in its environment and its temp files in `tmpdir`; EVALUATOR_PID in the program becomes
+    that evaluator's pid."""
     if user == "self":
         os.environ["LOSIA_TEST_SECRET"] = SECRET
+        tempfile.tempdir = tmpdir
         try:
             return run_code(program.replace("EVALUATOR_PID", str(os.getpid())), allow_code_exec=True, **kwargs)
         finally:
             del os.environ["LOSIA_TEST_SECRET"]
+            tempfile.tempdir = None
     cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _AS_NOBODY, _EVALUATE]
-    env = {**os.environ, "PYTHONPATH": REPO, "HOME": "/tmp"}
+    env = {**os.environ, "PYTHONPATH": REPO, "HOME": "/tmp", "TMPDIR": tmpdir}
     proc = subprocess.run(cmd, input=json.dumps([program, kwargs, SECRET]), capture_output=True, text=True,
                           env=env, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
