@@ -2,9 +2,11 @@
 non-root one (`nobody`): every test here fails when the protection it names is removed."""
 
 import os
+import shutil
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from sandbox_support import SECRET, USERS, run_as
@@ -69,15 +71,16 @@ def _sleepers() -> list[int]:
     return found
 
 
-def test_files_outside_the_temp_dir_can_be_neither_written_nor_deleted(user, tmp_path):  # mount ns + chroot
-    tmp_path.chmod(0o777)  # open to anyone: only the sandbox stands between the program and it
-    victim = tmp_path / "victim.txt"
+def test_files_outside_the_temp_dir_can_be_neither_written_nor_deleted(user):  # mount ns + chroot
+    outside = Path(tempfile.mkdtemp(prefix="losia-test-"))  # under /tmp, open to anyone (nobody too):
+    outside.chmod(0o777)  # only the sandbox stands between the program and it
+    victim = outside / "victim.txt"
     victim.write_text("keep")
     victim.chmod(0o666)
     program = f"""
 import os
 for attempt in (lambda: open({str(victim)!r}, "a").write("x"), lambda: os.remove({str(victim)!r}),
-                lambda: open({str(tmp_path / "new.txt")!r}, "w").write("x"),
+                lambda: open({str(outside / "new.txt")!r}, "w").write("x"),
                 lambda: open("/usr/losia-new", "w").write("x"), lambda: open("/etc/losia-new", "w").write("x")):
     try:
         attempt()
@@ -86,9 +89,12 @@ for attempt in (lambda: open({str(victim)!r}, "a").write("x"), lambda: os.remove
         pass
 open("inside.txt", "w").write("fine")  # its own temp dir stays writable
 """
-    result = run_as(user, program)
-    assert result.passed and "ESCAPED" not in result.stdout, result.stderr
-    assert victim.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
+    try:
+        result = run_as(user, program)
+        assert result.passed and "ESCAPED" not in result.stdout, result.stderr
+        assert victim.read_text() == "keep" and sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    finally:
+        shutil.rmtree(outside)
 
 
 def test_host_files_and_the_evaluator_environment_are_not_readable(user):  # chroot + own /proc
