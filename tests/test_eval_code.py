@@ -1,4 +1,5 @@
 import math
+import os
 import time
 
 import pytest
@@ -115,3 +116,19 @@ def test_code_from_chat_reply_takes_the_fenced_block_and_keeps_the_signature():
     for code in (whole, body_only):
         result = run_code(build_program({**item, "completion_only": True}, code), allow_code_exec=True)
         assert result.passed, result.stderr
+
+
+def test_cgroups_left_by_a_killed_evaluator_are_removed():
+    if (parent := sandbox._memory_cgroup_parent()) is None:
+        pytest.skip("no memory cgroup to create here")
+    stale, recent = (os.path.join(parent[0], f"losia-sandbox-test{os.getpid()}-{age}") for age in ("old", "new"))
+    for path in (stale, recent):
+        os.mkdir(path)
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    try:
+        assert run_code("print(1)", allow_code_exec=True).passed
+        assert not os.path.exists(stale) and os.path.exists(recent)  # a recent one may be joining
+    finally:
+        for path in (stale, recent):
+            if os.path.exists(path):
+                os.rmdir(path)

@@ -24,7 +24,9 @@ Where these namespaces are unavailable, running code is refused unless the user 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import itertools
 import os
 import signal
@@ -210,6 +212,12 @@ def _new_memory_cgroup(name: str, limit_bytes: int) -> str | None:
     """A fresh cgroup limiting the memory of a whole sandbox (all its processes and its /tmp)."""
     if (parent := _memory_cgroup_parent()) is None:
         return None
+    for stale in glob.glob(os.path.join(parent[0], "losia-sandbox-*")):
+        # Left by an evaluator killed mid-run: a live sandbox joins its cgroup within milliseconds,
+        # and rmdir refuses a cgroup that still holds processes.
+        if time.time() - os.stat(stale).st_mtime > 60:
+            with contextlib.suppress(OSError):
+                os.rmdir(stale)
     group = os.path.join(parent[0], name)
     os.mkdir(group)
     with open(os.path.join(group, parent[1]), "w") as f:
