@@ -165,7 +165,8 @@ def _sandbox_uid() -> int:
     return _UID_BASE + ((os.getpid() & 0xFFFF) << 12 | next(_next_uid) & 0xFFF)
 
 
-def _read_only_binds() -> list[str]:
+@functools.cache
+def _read_only_binds() -> tuple[str, ...]:
     """What the new root shows, read-only: the system directories (top-level symlinks kept as
     symlinks), then the interpreter's prefixes, which may live anywhere (as spelled and resolved)."""
     binds = ["/usr", "/etc/ld.so.cache"]
@@ -179,7 +180,7 @@ def _read_only_binds() -> list[str]:
     for prefix in sorted(prefixes | {os.path.realpath(p) for p in prefixes}):
         if not any(prefix == b or prefix.startswith(b + "/") for b in binds):
             binds.append(prefix)
-    return [b for b in binds if "=" in b or os.path.exists(b)]
+    return tuple(b for b in binds if "=" in b or os.path.exists(b))
 
 
 @functools.cache
@@ -267,7 +268,7 @@ def _execute(program: str, unsafe: bool, timeout_s: float, memory_mb: int, max_o
            "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     with tempfile.TemporaryDirectory(prefix="losia-sandbox-") as tmp, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        limits = [str(memory_mb << 20), str(max_file_mb << 20)]
+        limits, cgroup = [str(memory_mb << 20), str(max_file_mb << 20)], None
         if unsafe:
             with open(os.path.join(tmp, "program.py"), "w") as f:
                 f.write(program)
@@ -294,7 +295,7 @@ def _execute(program: str, unsafe: bool, timeout_s: float, memory_mb: int, max_o
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
-            if not unsafe and cgroup:
+            if cgroup:
                 _remove_cgroup(cgroup)
         duration = time.perf_counter() - start
         stdout, stderr = _read_head(out, max_output_bytes), _read_head(err, max_output_bytes)
