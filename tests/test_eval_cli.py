@@ -95,3 +95,16 @@ def test_code_eval_through_the_chat_template(capsys, tiny_llama_dir, tmp_path):
     assert result["config"]["chat"] is True and result["n"] == 2 and "pass@1" in result["metrics"]
     samples = [json.loads(line) for line in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
     assert all(s["output"].startswith("from typing import List") or "def " in s["output"] for s in samples)
+
+
+def test_code_eval_refused_without_the_sandbox_unless_unsafe(capsys, tiny_llama_dir, tmp_path, monkeypatch):
+    from losia_cli.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "sandbox_unavailable", lambda: "unshare: Operation not permitted")
+    args = ["eval", str(tiny_llama_dir), "tasks=[humaneval]", "limit=1", "max_new_tokens=4", "forgetting=false"]
+    code, _, err = run(capsys, *args, "allow_code_exec=true", "--out", str(tmp_path / "refused"))
+    assert code == 2 and "allow_code_exec=unsafe" in err and "Operation not permitted" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "refused").exists()
+    code, _, err = run(capsys, *args, "allow_code_exec=unsafe", "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["config"]["allow_code_exec"] == "unsafe"

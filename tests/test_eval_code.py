@@ -5,6 +5,7 @@ import time
 import pytest
 
 from losia_cli.data import get_task
+from losia_cli.eval import sandbox
 from losia_cli.eval.code import build_program, pass_at_k, score_code
 from losia_cli.eval.command import load_rows
 from losia_cli.eval.runner import render_items
@@ -44,9 +45,6 @@ def test_mbpp_row():
     ("import os, time\nif os.fork() == 0:\n    time.sleep(60)\nwhile True:\n    pass", "timeout"),
     ("x = bytearray(10**12)", "oom"),
     ("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))", "oom"),
-    ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)", "error"),
-    ("import urllib.request\nurllib.request.urlopen('http://10.255.255.1/', timeout=2)", "error"),
-    ("import _socket\n_socket.socket().connect(('127.0.0.1', 9))", "error"),
     ("raise SystemExit(3)", "error"),
     ("assert 1 == 2", "failed"),
 ])
@@ -57,20 +55,29 @@ def test_bad_programs_fail_cleanly(program, status):
     assert time.perf_counter() - start < 10
 
 
-def test_timeout_kills_process_group(tmp_path):
-    marker = tmp_path / "alive"
-    program = (f"import os, time\nif os.fork() == 0:\n    time.sleep(3)\n    open({str(marker)!r}, 'w').close()\n"
-               "    os._exit(0)\nwhile True:\n    pass")
-    assert run_code(program, allow_code_exec=True, timeout_s=1).status == "timeout"
-    time.sleep(3.5)
-    assert not marker.exists()  # the forked child died with the group
-
-
-def test_output_is_truncated_and_cwd_is_temporary():
+def test_output_is_truncated_and_cwd_is_the_sandbox_tmp():
     result = run_code("import os\nprint(os.getcwd())\nprint('x' * 100000)", allow_code_exec=True,
                       max_output_bytes=1000)
-    assert result.passed and "losia-sandbox-" in result.stdout and result.stdout.endswith("[truncated]")
-    assert os.getcwd() not in result.stdout.splitlines()[0]
+    assert result.passed and result.stdout.startswith("/tmp\n") and result.stdout.endswith("[truncated]")
+
+
+def test_refused_without_the_sandbox_unless_unsafe(monkeypatch):
+    monkeypatch.setattr(sandbox, "sandbox_unavailable", lambda: "unshare: unshare failed: Operation not permitted")
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_exec=unsafe") as err:
+        run_code("print(1)", allow_code_exec=True)
+    assert "Operation not permitted" in str(err.value) and len(str(err.value).splitlines()) == 1
+    result = run_code("import os\nprint(os.path.exists('/etc/passwd'))", allow_code_exec="unsafe")
+    assert result.passed and result.stdout == "True\n"  # unsafe: the host is visible
+
+
+def test_the_probe_says_why_the_sandbox_is_unavailable(monkeypatch):
+    failing = ["sh", "-c", "echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1"]
+    monkeypatch.setattr(sandbox, "_unshare_command", lambda args: failing)
+    sandbox.sandbox_unavailable.cache_clear()
+    try:
+        assert sandbox.sandbox_unavailable() == "unshare: unshare failed: Operation not permitted"
+    finally:
+        sandbox.sandbox_unavailable.cache_clear()
 
 
 def test_refuses_without_allow_code_exec():
@@ -117,3 +124,19 @@ def test_code_from_chat_reply_takes_the_fenced_block_and_keeps_the_signature():
     for code in (whole, body_only):
         result = run_code(build_program({**item, "completion_only": True}, code), allow_code_exec=True)
         assert result.passed, result.stderr
+
+
+def test_cgroups_left_by_a_killed_evaluator_are_removed():
+    if (parent := sandbox._memory_cgroup_parent()) is None:
+        pytest.skip("no memory cgroup to create here")
+    stale, recent = (os.path.join(parent[0], f"losia-sandbox-test{os.getpid()}-{age}") for age in ("old", "new"))
+    for path in (stale, recent):
+        os.mkdir(path)
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    try:
+        assert run_code("print(1)", allow_code_exec=True).passed
+        assert not os.path.exists(stale) and os.path.exists(recent)  # a recent one may be joining
+    finally:
+        for path in (stale, recent):
+            if os.path.exists(path):
+                os.rmdir(path)

@@ -8,7 +8,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from losia_cli.eval.results import mean_stderr
-from losia_cli.eval.sandbox import CodeExecutionNotAllowed, ExecResult, run_code
+from losia_cli.eval.sandbox import ExecResult, require_code_exec, run_code
 
 # Codex/HumanEval stop sequences: a completion ends where the next top-level statement begins.
 # "\n```" ends the completion where an instruct model closes a markdown code block it never opened.
@@ -56,20 +56,20 @@ def build_program(item: dict, completion: str) -> str:
 
 
 def run_programs(
-    programs: list[str], *, allow_code_exec: bool = False, workers: int = 4, **sandbox_kwargs
+    programs: list[str], *, allow_code_exec: bool | str = False, workers: int = 4, **sandbox_kwargs
 ) -> list[ExecResult]:
-    """Run each program in its own sandbox, `workers` at a time; results in input order."""
-    if not allow_code_exec:
-        raise CodeExecutionNotAllowed("code evaluation")
+    """Run each program in its own sandbox, `workers` at a time; results in input order.
+    allow_code_exec: as in `run_code` (true: sandboxed; "unsafe": without the sandbox)."""
+    require_code_exec(allow_code_exec, "code evaluation")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda p: run_code(p, allow_code_exec=True, **sandbox_kwargs), programs))
+        return list(pool.map(lambda p: run_code(p, allow_code_exec=allow_code_exec, **sandbox_kwargs), programs))
 
 
 def score_code(
     items: list[dict],
     completions: list[list[str]],
     *,
-    allow_code_exec: bool = False,
+    allow_code_exec: bool | str = False,
     ks: tuple[int, ...] = (1,),
     workers: int = 4,
     **sandbox_kwargs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # Default evaluation split of each task whose standard benchmark is public on the hub.
@@ -27,7 +29,9 @@ class EvalConfig(BaseModel):
     num_samples: int = Field(1, gt=0)  # > 1: sample (temperature/top_p) and report pass@k
     temperature: float = 0.8
     top_p: float = 0.95
-    allow_code_exec: bool = False  # code tasks run model-written programs (sandboxed)
+    # code tasks run model-written programs: true runs them sandboxed (refused where the sandbox is
+    # unavailable); unsafe runs them with only time/memory limits, able to reach files and network
+    allow_code_exec: bool | Literal["unsafe"] = False
     chat: bool = False  # code tasks: prompt through the chat template, run the reply's code block
     timeout_s: float = Field(10.0, gt=0)
     forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta

@@ -9,7 +9,7 @@ from losia_cli.eval.extract import answers_match, extract_answer
 from losia_cli.eval.generate import generate_samples
 from losia_cli.eval.loglik import score_multiple_choice
 from losia_cli.eval.results import mean_stderr
-from losia_cli.eval.sandbox import CodeExecutionNotAllowed
+from losia_cli.eval.sandbox import require_code_exec
 
 
 def render_items(task_name: str, rows: list[dict], tokenizer=None) -> list[dict]:
@@ -26,7 +26,7 @@ def render_items(task_name: str, rows: list[dict], tokenizer=None) -> list[dict]
 
 
 def evaluate(model, tokenizer, task_name: str, rows: list[dict], *,
-             allow_code_exec: bool = False, max_new_tokens: int = 256, batch_size: int = 16,
+             allow_code_exec: bool | str = False, max_new_tokens: int = 256, batch_size: int = 16,
              num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95,
              ks: tuple[int, ...] = (1, 10, 100), stop: list[str] | None = None, workers: int = 4,
              timeout_s: float = 10.0, limit: int | None = None, seed: int = 0, chat: bool = False) -> dict:
@@ -41,8 +41,8 @@ def evaluate(model, tokenizer, task_name: str, rows: list[dict], *,
     if len(kinds) != 1:
         raise ValueError(f"task {task_name}: mixed item kinds {sorted(kinds)}")
     kind = kinds.pop()
-    if kind == "code" and not allow_code_exec:
-        raise CodeExecutionNotAllowed(f"task {task_name}")
+    if kind == "code":
+        require_code_exec(allow_code_exec, f"task {task_name}")
     config = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, num_samples=num_samples,
                   temperature=temperature if num_samples > 1 else None,
                   top_p=top_p if num_samples > 1 else None, seed=seed, limit=limit)
@@ -65,7 +65,7 @@ def evaluate(model, tokenizer, task_name: str, rows: list[dict], *,
             outputs = [[code_from_reply(item, reply) for reply in replies] for item, replies in zip(items, outputs)]
             items = [{**item, "completion_only": True} for item in items]
         if kind == "code":
-            result = score_code(items, outputs, allow_code_exec=True, ks=ks, workers=workers, timeout_s=timeout_s)
+            result = score_code(items, outputs, allow_code_exec=allow_code_exec, ks=ks, workers=workers, timeout_s=timeout_s)
         else:
             result = _score_generations(items, outputs)
     return {"task": task_name, "kind": kind, **result, "config": config}
