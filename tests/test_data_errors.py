@@ -95,16 +95,20 @@ def test_unknown_bundled_and_packaged_names(tok, tmp_path):
     fails(tok, tmp_path, "unknown packaged data 'package:mbpp'; known: package:humaneval", source="package:mbpp")
 
 
-def test_bad_row_values_are_reported(tok, tmp_path):
+def test_bad_row_values_are_reported_by_file_and_line(tok, tmp_path):
     rows = tmp_path / "arc.jsonl"
     good = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
-    rows.write_text(jsonl(good, dict(good, answerKey="E")))
-    fails(tok, tmp_path, rf"{rows} row 2: task arc_e \(arc.yaml\): cannot render row: 'E' is not in list",
+    rows.write_text(jsonl(good) + "\n" + jsonl(dict(good, answerKey="E")))  # a blank line: row 2 is line 3
+    fails(tok, tmp_path, rf"{rows}:3: task arc_e \(arc.yaml\): cannot render row: 'E' is not in list",
           task="arc_e", source=str(rows))
-    fails(tok, tmp_path, rf"{rows} row 2: ", task="arc_e", source=str(rows), num_workers=2)  # raised in a worker
+    fails(tok, tmp_path, rf"{rows}:3: ", task="arc_e", source=str(rows), num_workers=2)  # raised in a worker
+    # a subset (max_samples, val_split) still names the row's own line
+    rows.write_text(jsonl(*[good] * 6, dict(good, answerKey="E"), good))
+    fails(tok, tmp_path, rf"{rows}:7: ", task="arc_e", source=str(rows), max_samples=7, shuffle_seed=1)
+    fails(tok, tmp_path, rf"{rows}:7: ", task="arc_e", source=str(rows), val_split=0.25)
     chat = tmp_path / "chat.jsonl"
     chat.write_text(jsonl({"messages": [{"role": "user", "content": "hi"}]}))
-    fails(tok, tmp_path, f"{chat} row 1: .*the last message must be the assistant's", task="chat", source=str(chat))
+    fails(tok, tmp_path, f"{chat}:1: .*the last turn must be the assistant's", task="chat", source=str(chat))
 
 
 def test_unsupported_file_type_and_non_dataset_folder(tok, tmp_path):
@@ -127,5 +131,6 @@ def test_config_rejects_unknown_keys():
 def test_bundled_fixtures_are_all_used():
     used = {get_task(name).spec.sample for name in ("gsm8k", "metamathqa", "math", "magicoder", "codealpaca", "mbpp",
                                                      "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e",
-                                                     "obqa", "commonsense170k", "alpaca", "chat")}
+                                                     "obqa", "commonsense170k", "alpaca", "chat", "sharegpt",
+                                                     "prompt_completion", "text")}
     assert used == {p.name for p in samples_dir().iterdir()}
