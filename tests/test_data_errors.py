@@ -134,3 +134,49 @@ def test_bundled_fixtures_are_all_used():
                                                      "obqa", "commonsense170k", "alpaca", "chat", "sharegpt",
                                                      "prompt_completion", "text")}
     assert used == {p.name for p in samples_dir().iterdir()}
+
+
+# -- text encodings (issue 16): never train on b'...' text, never print a raw NUL ----------------
+CSV = 'question,answer\n"What is 2 + 3?","2 + 3 = 5\n#### 5"\n"Café au lait costs 3 euros; two cost?","3 * 2 = 6\n#### 6"\n'
+
+
+def test_latin1_csv_is_refused_by_line_or_read_with_data_encoding(tok, tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(CSV.encode("latin-1"))
+    message = fails(tok, tmp_path, rf"{latin}:4: not valid utf-8 text \(byte 0xe9 at column 5\); set data.encoding",
+                    source=str(latin))
+    assert "b'" not in message
+    data = build_dataset(DataConfig(task="gsm8k", source=str(latin), encoding="latin-1"), tok, cache_dir=None)
+    assert "Café au lait" in tok.decode(data[1]["input_ids"])
+
+
+def test_utf16_csv_names_the_encoding_without_printing_nul(tok, tmp_path):
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes(CSV.encode("utf-16"))
+    message = fails(tok, tmp_path, rf"{wide}:1: NUL bytes: the file looks like UTF-16", source=str(wide))
+    assert "\0" not in message
+    data = build_dataset(DataConfig(task="gsm8k", source=str(wide), encoding="utf-16"), tok, cache_dir=None)
+    assert "Café au lait" in tok.decode(data[1]["input_ids"])
+
+
+def test_non_utf8_jsonl_names_the_line_not_a_byte_offset(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(GOOD, GOOD).encode() + '{"question": "Crème?", "answer": "#### 1"}\n'.encode("latin-1"))
+    message = fails(tok, tmp_path, rf"{bad}:3: not valid utf-8 text \(byte 0xe8 at column 17\)", source=str(bad))
+    assert "position" not in message
+
+
+def test_byte_columns_are_refused(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"question": pa.array([b"Caf\xe9?"], pa.binary()), "answer": ["#### 1"]}), path)
+    fails(tok, tmp_path, rf"{path}: column 'question' holds raw bytes, not text", source=str(path))
+
+
+def test_unknown_encoding_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown text encoding 'latin-9000'"):
+        DataConfig(task="gsm8k", source="bundled:gsm8k_sample", encoding="latin-9000")
+    with pytest.raises(ValueError, match="unknown text encoding"):
+        DataConfig(task="gsm8k", sources=[{"source": "bundled:gsm8k_sample", "encoding": "nope"}]).components()

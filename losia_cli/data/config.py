@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Literal
 
 import pydantic
@@ -109,6 +110,15 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     num_workers: int = pydantic.Field(1, ge=1)
     """Processes used to render and tokenize."""
 
+    @pydantic.field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+        return encoding
+
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if (self.source is None) == (self.sources is None):
@@ -126,5 +136,5 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
         out = []
         for entry in self.sources:
             update = {k: v for k, v in entry.model_dump(exclude={"weight"}).items() if v is not None}
-            out.append((self.model_copy(update={**update, "sources": None}), entry.weight))
+            out.append((DataConfig.model_validate({**self.model_dump(), **update, "sources": None}), entry.weight))
         return out
