@@ -180,3 +180,9 @@ def test_unknown_encoding_is_a_config_error():
         DataConfig(task="gsm8k", source="bundled:gsm8k_sample", encoding="latin-9000")
     with pytest.raises(ValueError, match="unknown text encoding"):
         DataConfig(task="gsm8k", sources=[{"source": "bundled:gsm8k_sample", "encoding": "nope"}]).components()
+
+
+def test_a_mixture_source_left_without_samples_is_named(tok, tmp_path):
+    fails(tok, tmp_path, "bundled:gsm8k_sample: every sample is longer than max_length=24",
+          sources=[{"source": "bundled:prompt_completion_sample", "task": "prompt_completion"},
+                   {"source": "bundled:gsm8k_sample"}], max_length=24, overlong="drop")

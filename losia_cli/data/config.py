@@ -46,9 +46,9 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     Required unless `sources` is set."""
 
     sources: list[MixtureSource] | None = None
-    """A mixture instead of one `source`: [{source, weight, task, ...}, ...]. Source i gets
-    round(p_i * N) samples, p_i its normalised weight and N the sources' total sample count; a
-    source short of its share is repeated, one with more is subsampled, all drawn from
+    """A mixture instead of one `source`: [{source, weight, task, ...}, ...]. Source i gets p_i * N
+    samples (rounded so they sum to N), p_i its normalised weight and N the sources' total sample
+    count; a source short of its share is repeated, one with more is subsampled, all drawn from
     `shuffle_seed`, so every build gives the same mixture."""
 
     hub_config: str | None = None

@@ -155,10 +155,11 @@ def build_dataset(cfg: DataConfig, tokenizer, *, cache_dir: Path | None, split: 
         return TokenizedData(arrays, {**meta["stats"], "cache_hit": True, "cache_path": str(path)})
 
     encoded = [_encode_source(part, tokenizer, split) for part, _ in parts]
+    for (part, _), (part_samples, _) in zip(parts, encoded):
+        if not part_samples:
+            raise DataError(f"{part.source}: every sample is longer than max_length={cfg.max_length} (overlong={cfg.overlong})")
     samples = [sample for part_samples, _ in encoded for sample in part_samples]
     stats = {k: sum(counts[k] for _, counts in encoded) for k in encoded[0][1]}
-    if not samples:
-        raise DataError(f"{cfg.source or 'data.sources'}: every sample is longer than max_length={cfg.max_length} (overlong={cfg.overlong})")
     if cfg.sources is not None and split == "train":
         sizes = [len(part_samples) for part_samples, _ in encoded]
         order = mixture_order(sizes, [weight for _, weight in parts], cfg.shuffle_seed)

@@ -34,16 +34,13 @@ from losia_cli.data.errors import DataError
 from losia_cli.resources import templates_dir
 
 
-ROLES = ("system", "user", "assistant")
-
-
 class Conversation(pydantic.BaseModel, extra="forbid"):
     """Where a chat row keeps its turns: the defaults read `messages` of {role, content}."""
 
     column: str = "messages"
     role_key: str = "role"
     content_key: str = "content"
-    roles: dict[str, Literal["system", "user", "assistant"]] = {r: r for r in ROLES}
+    roles: dict[str, Literal["system", "user", "assistant"]] = {"system": "system", "user": "user", "assistant": "assistant"}
     """Source role name -> chat-template role."""
 
 
@@ -151,7 +148,7 @@ class Task:
         return self._templates[key].render({**row, **extra})
 
     def _guard(self, fn, row: dict, *args):
-        row = {**self.spec.defaults, **{k: v for k, v in row.items() if v is not None or k not in self.spec.defaults}}
+        row = {**row, **{k: v for k, v in self.spec.defaults.items() if row.get(k) is None}}
         try:
             return fn(row, *args)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
