@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from losia_cli.data import DataConfig, DataError, build_dataset
 from losia_cli.data.dataset import mixture_order
@@ -84,24 +83,12 @@ def test_val_source_and_bad_val_settings(tok, tmp_path):
 
 
 def test_a_mixture_run_resumed_mid_run_is_bit_exact(tiny_config, tmp_path, monkeypatch):
-    from safetensors.torch import load_file
+    """The engine's crash-and-resume check (same weights, same losses), on the mixture recipe."""
+    from test_engine import test_crash_then_resume_is_bit_exact as crash_then_resume
 
-    from losia_cli.engine import loop
+    def mixture_config(name, *overrides):
+        return tiny_config(name, "data=mixture_sample", *overrides)
 
-    common = ("data=mixture_sample", "method=full", "train.max_steps=5", "train.save_every=2")
-    straight = loop.train(tiny_config("straight", *common))
-    real_loss, calls = loop.token_loss_sum, {"n": 0}
-
-    def crash_on_fourth_step(logits, labels):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real_loss(logits, labels)
-
-    monkeypatch.setattr(loop, "token_loss_sum", crash_on_fourth_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(tiny_config("resumed", *common))
-    monkeypatch.setattr(loop, "token_loss_sum", real_loss)
-    resumed = loop.train(tiny_config("resumed", *common, "run.resume=auto"))
-    a, b = (load_file(str(next((d / "final").glob("*.safetensors")))) for d in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    crash_then_resume(mixture_config, tmp_path, monkeypatch, "full")
+    report = json.loads((tmp_path / "straight" / "report.json").read_text())
+    assert [share for _, share in report["data"]["mixture"]] == [50, 17]  # 3:1 of the 67 samples that fit 64 tokens
