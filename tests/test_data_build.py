@@ -187,8 +187,8 @@ def test_data_recipes_validate(recipe, tok):
     text = recipe.read_text()
     assert text.startswith("#") and "losia train" in text  # header comment with the command
     cfg = DataConfig.model_validate(yaml.safe_load(text))
-    if cfg.source.startswith("bundled:"):  # the offline ones build as they are
+    if all(part.source.startswith("bundled:") for part, _ in cfg.components()):  # offline ones build as they are
         data = build_dataset(cfg, tok, cache_dir=None)
-        assert data.stats["n_samples"] == data.stats["n_rows"] > 0
+        assert data.stats["n_samples"] >= data.stats["n_rows"] > 0  # text documents may be cut in pieces
     else:
         get_task(cfg.task)

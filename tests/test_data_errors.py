@@ -95,16 +95,20 @@ def test_unknown_bundled_and_packaged_names(tok, tmp_path):
     fails(tok, tmp_path, "unknown packaged data 'package:mbpp'; known: package:humaneval", source="package:mbpp")
 
 
-def test_bad_row_values_are_reported(tok, tmp_path):
+def test_bad_row_values_are_reported_by_file_and_line(tok, tmp_path):
     rows = tmp_path / "arc.jsonl"
     good = {"question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
-    rows.write_text(jsonl(good, dict(good, answerKey="E")))
-    fails(tok, tmp_path, rf"{rows} row 2: task arc_e \(arc.yaml\): cannot render row: 'E' is not in list",
+    rows.write_text(jsonl(good) + "\n" + jsonl(dict(good, answerKey="E")))  # a blank line: row 2 is line 3
+    fails(tok, tmp_path, rf"{rows}:3: task arc_e \(arc.yaml\): cannot render row: 'E' is not in list",
           task="arc_e", source=str(rows))
-    fails(tok, tmp_path, rf"{rows} row 2: ", task="arc_e", source=str(rows), num_workers=2)  # raised in a worker
+    fails(tok, tmp_path, rf"{rows}:3: ", task="arc_e", source=str(rows), num_workers=2)  # raised in a worker
+    # a subset (max_samples, val_split) still names the row's own line
+    rows.write_text(jsonl(*[good] * 6, dict(good, answerKey="E"), good))
+    fails(tok, tmp_path, rf"{rows}:7: ", task="arc_e", source=str(rows), max_samples=7, shuffle_seed=1)
+    fails(tok, tmp_path, rf"{rows}:7: ", task="arc_e", source=str(rows), val_split=0.25)
     chat = tmp_path / "chat.jsonl"
     chat.write_text(jsonl({"messages": [{"role": "user", "content": "hi"}]}))
-    fails(tok, tmp_path, f"{chat} row 1: .*the last message must be the assistant's", task="chat", source=str(chat))
+    fails(tok, tmp_path, f"{chat}:1: .*the last turn must be the assistant's", task="chat", source=str(chat))
 
 
 def test_unsupported_file_type_and_non_dataset_folder(tok, tmp_path):
@@ -127,5 +131,58 @@ def test_config_rejects_unknown_keys():
 def test_bundled_fixtures_are_all_used():
     used = {get_task(name).spec.sample for name in ("gsm8k", "metamathqa", "math", "magicoder", "codealpaca", "mbpp",
                                                      "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e",
-                                                     "obqa", "commonsense170k", "alpaca", "chat")}
+                                                     "obqa", "commonsense170k", "alpaca", "chat", "sharegpt",
+                                                     "prompt_completion", "text")}
     assert used == {p.name for p in samples_dir().iterdir()}
+
+
+# -- text encodings (issue 16): never train on b'...' text, never print a raw NUL ----------------
+CSV = 'question,answer\n"What is 2 + 3?","2 + 3 = 5\n#### 5"\n"Café au lait costs 3 euros; two cost?","3 * 2 = 6\n#### 6"\n'
+
+
+def test_latin1_csv_is_refused_by_line_or_read_with_data_encoding(tok, tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(CSV.encode("latin-1"))
+    message = fails(tok, tmp_path, rf"{latin}:4: not valid utf-8 text \(byte 0xe9 at column 5\); set data.encoding",
+                    source=str(latin))
+    assert "b'" not in message
+    data = build_dataset(DataConfig(task="gsm8k", source=str(latin), encoding="latin-1"), tok, cache_dir=None)
+    assert "Café au lait" in tok.decode(data[1]["input_ids"])
+
+
+def test_utf16_csv_names_the_encoding_without_printing_nul(tok, tmp_path):
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes(CSV.encode("utf-16"))
+    message = fails(tok, tmp_path, rf"{wide}:1: NUL bytes: the file looks like UTF-16", source=str(wide))
+    assert "\0" not in message
+    data = build_dataset(DataConfig(task="gsm8k", source=str(wide), encoding="utf-16"), tok, cache_dir=None)
+    assert "Café au lait" in tok.decode(data[1]["input_ids"])
+
+
+def test_non_utf8_jsonl_names_the_line_not_a_byte_offset(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl(GOOD, GOOD).encode() + '{"question": "Crème?", "answer": "#### 1"}\n'.encode("latin-1"))
+    message = fails(tok, tmp_path, rf"{bad}:3: not valid utf-8 text \(byte 0xe8 at column 17\)", source=str(bad))
+    assert "position" not in message
+
+
+def test_byte_columns_are_refused(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"question": pa.array([b"Caf\xe9?"], pa.binary()), "answer": ["#### 1"]}), path)
+    fails(tok, tmp_path, rf"{path}: column 'question' holds raw bytes, not text", source=str(path))
+
+
+def test_unknown_encoding_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown text encoding 'latin-9000'"):
+        DataConfig(task="gsm8k", source="bundled:gsm8k_sample", encoding="latin-9000")
+    with pytest.raises(ValueError, match="unknown text encoding"):
+        DataConfig(task="gsm8k", sources=[{"source": "bundled:gsm8k_sample", "encoding": "nope"}]).components()
+
+
+def test_a_mixture_source_left_without_samples_is_named(tok, tmp_path):
+    fails(tok, tmp_path, "bundled:gsm8k_sample: every sample is longer than max_length=24",
+          sources=[{"source": "bundled:prompt_completion_sample", "task": "prompt_completion"},
+                   {"source": "bundled:gsm8k_sample"}], max_length=24, overlong="drop")

@@ -48,6 +48,17 @@ EXPECTED = {
 _CODER = ("Question: Write a Python function `chunk(items, size)` that splits a list into consecutive chunks of at most `size` elements. Raise a ValueError for a non-positive size.\nAnswer:\n",
           "Here is a simple implementation using slicing:\n\n```python\ndef chunk(items, size):\n    if size <= 0:\n        raise ValueError(\"size must be positive\")\n    return [items[i:i + size] for i in range(0, len(items), size)]\n```\n\nThe range steps through the list `size` elements at a time, and each slice takes one chunk; the last chunk may be shorter. For example, `chunk([1, 2, 3, 4, 5], 2)` returns `[[1, 2], [3, 4], [5]]`.")
 EXPECTED["magicoder"] = EXPECTED["evol-instruct"] = (0, *_CODER)
+EXPECTED["messages"] = EXPECTED["chat"]
+EXPECTED["sharegpt"] = (2, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nGive me a word that rhymes with moon.<|im_end|>\n<|im_start|>assistant\nSpoon.<|im_end|>\n<|im_start|>user\nAnd one with two syllables?<|im_end|>\n<|im_start|>assistant\n",
+                        "Balloon.<|im_end|>\n")
+EXPECTED["prompt_completion"] = (0, "Translate to French: Good morning\nFrench:", " Bonjour")
+EXPECTED["text"] = (1, "", "A prime number has exactly two divisors: one and itself. The first few primes are 2, 3, 5, 7, 11 and 13; two is the only even one.")
+# chat tasks: every assistant turn of the row, decoded from the tokens that carry loss.
+CHAT_TARGETS = {
+    "chat": "How about Pebble, Smokey or Ash?<|im_end|>Try Nimbus, Graphite or Earl Grey.<|im_end|>",
+    "sharegpt": "Spoon.<|im_end|>Balloon.<|im_end|>",
+}
+CHAT_TARGETS["messages"] = CHAT_TARGETS["chat"]
 EXPECTED["humaneval"] = (0, None, None)  # pass-through of the package's prompt / canonical_solution
 
 
@@ -92,8 +103,11 @@ def test_fixture_renders_and_masks_exactly_the_response(name, tok):
         assert sample["input_ids"] == ids_p + ids_r[:-1]  # the separator after the last EOS is cut
         targets = [(t, lab) for t, lab in zip(sample["input_ids"], sample["labels"]) if lab != IGNORE]
         assert all(t == lab for t, lab in targets)
-        decoded = tok.decode([t for t, _ in targets])
-        assert decoded == "How about Pebble, Smokey or Ash?<|im_end|>Try Nimbus, Graphite or Earl Grey.<|im_end|>"
+        assert tok.decode([t for t, _ in targets]) == CHAT_TARGETS[name]
+    elif task.kind == "text":  # no mask: every token but the first (nothing predicts it)
+        ids = encode(tok, response)
+        assert sample["input_ids"] == ids + [eos]
+        assert sample["labels"] == [IGNORE] + ids[1:] + [eos]
     else:
         ids_p, ids_r = encode(tok, prompt), encode(tok, response)
         assert sample["input_ids"] == ids_p + ids_r + [eos]  # SmolLM2 adds no BOS

@@ -16,8 +16,16 @@ TARGET_OPEN, TARGET_CLOSE = "⟦", "⟧"
 
 
 def render_samples(cfg: DataConfig, tokenizer, n: int = 2) -> list[Text]:
-    """The first `n` rows tokenized exactly as build_dataset does, decoded run by run: prompt
-    (masked) tokens dim, target tokens bold green between ⟦ ⟧, special tokens such as EOS shown."""
+    """The first `n` rows (of each source of a mixture) tokenized exactly as build_dataset does,
+    decoded run by run: prompt (masked) tokens dim, target tokens bold green between ⟦ ⟧, special
+    tokens such as EOS shown."""
+    out = []
+    for part, _ in cfg.components():
+        out += _render_source(part, tokenizer, n)
+    return out
+
+
+def _render_source(cfg: DataConfig, tokenizer, n: int) -> list[Text]:
     task = resolve_task(cfg)
     source = Source(cfg)
     rows = prepare_rows(cfg, source, task.fields, task.path)
@@ -26,7 +34,7 @@ def render_samples(cfg: DataConfig, tokenizer, n: int = 2) -> list[Text]:
     for i in range(min(n, len(rows))):
         samples, dropped, truncated = encoder.encode([rows[i]], i)
         text = Text()
-        if dropped:
+        if dropped or not samples:
             text.append(f"── {task.name} row {i}: dropped (longer than max_length={cfg.max_length}) ──", style="bold red")
             out.append(text)
             continue

@@ -7,8 +7,10 @@ malformed line can be reported as `file:line`.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import io
 import importlib.util
 import json
 from functools import cached_property
@@ -63,6 +65,13 @@ class Source:
         if self.path is not None and not self.path.exists():
             raise DataError(f"{self.path}: no such file or directory (data.source)")
         self.label = spec if self.hub_id else str(self.path)
+        self._lines: list[int] | None = None  # line of each row, for JSON Lines files
+
+    def where(self, row: int) -> str:
+        """`file:line` of a row (JSON Lines), else `source row N` (1-based); after load()."""
+        if self._lines is not None:
+            return f"{self.label}:{self._lines[row]}"
+        return f"{self.label} row {row + 1}"
 
     @staticmethod
     def _bundled(name: str) -> Path:
@@ -76,7 +85,8 @@ class Source:
             cfg = self.cfg
             return {"hub": self.hub_id, "config": cfg.hub_config, "split": cfg.split,
                     "revision": cfg.revision, "fingerprint": self.load()._fingerprint}
-        return {"content_sha256": _hash_path(self.path), "split": self.cfg.split if self.path.is_dir() else None}
+        return {"content_sha256": _hash_path(self.path), "split": self.cfg.split if self.path.is_dir() else None,
+                "encoding": self.cfg.encoding}
 
     def load(self) -> datasets.Dataset:
         return self._dataset
@@ -92,7 +102,7 @@ class Source:
         elif self.path.is_dir():
             ds = self._load_from_disk()
         else:
-            ds = _read_file(self.path)
+            ds, self._lines = _read_file(self.path, self.cfg.encoding)
         if len(ds) == 0:
             raise DataError(f"{self.label}: no rows (empty dataset)")
         return ds
@@ -110,7 +120,9 @@ class Source:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message on one line, control characters (a UTF-16 file's NULs) escaped."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _hash_path(path: Path) -> str:
@@ -124,36 +136,63 @@ def _hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_file(path: Path) -> datasets.Dataset:
+def _read_file(path: Path, encoding: str) -> tuple[datasets.Dataset, list[int] | None]:
+    """The file's rows, and for JSON Lines the line number of each."""
     name = path.name.lower()
     suffix = next((s for s in FILE_SUFFIXES if name.endswith(s)), None)
     if suffix is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} or a save_to_disk folder")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
+    lines = None
     try:
         if suffix.startswith(".json"):
-            return _from_rows(path, _read_json(path))
-        if suffix == ".arrow":
-            return datasets.Dataset.from_file(str(path))
-        if suffix == ".parquet":
+            rows, lines = _read_json(path, _read_text(path, encoding))
+            ds = _from_rows(path, rows)
+        elif suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return datasets.Dataset(InMemoryTable(pq.read_table(path)))
-        import pyarrow.csv
+            ds = datasets.Dataset(InMemoryTable(pq.read_table(path)))
+        else:
+            import pyarrow.csv
 
-        return datasets.Dataset(InMemoryTable(pyarrow.csv.read_csv(path)))
+            # Decoded here, so a bad byte is reported by line; pyarrow then reads clean UTF-8.
+            text = _read_text(path, encoding).encode("utf-8")
+            ds = datasets.Dataset(InMemoryTable(pyarrow.csv.read_csv(io.BytesIO(text))))
     except DataError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read {suffix} file: {_one_line(e)}") from None
+    binary = [k for k, v in ds.features.items() if getattr(v, "dtype", None) in ("binary", "large_binary")]
+    if binary:  # never train on b'...' reprs of undecoded text
+        raise DataError(f"{path}: column {binary[0]!r} holds raw bytes, not text")
+    return ds, lines
 
 
-def _read_json(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON Lines (also for .json files, as many datasets ship them)."""
+def _read_text(path: Path, encoding: str) -> str:
+    """The file's text; undecodable bytes or the NULs of UTF-16/32 read as UTF-8 are one error
+    naming the line (not a byte offset), with the fix."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    with opener(path, "rb") as f:
+        data = f.read()
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    if utf8 and (data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in data):
+        line = data.count(b"\n", 0, max(data.find(b"\0"), 0)) + 1
+        raise DataError(f"{path}:{line}: NUL bytes: the file looks like UTF-16 or UTF-32; "
+                        "re-save it as UTF-8 or set data.encoding (e.g. utf-16)")
+    try:
+        return data.decode("utf-8-sig" if utf8 else encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not valid {encoding} text (byte 0x{data[e.start]:02x} at column {column}); "
+                        "set data.encoding to the file's encoding (e.g. latin-1 or cp1252)") from None
+
+
+def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
+    """A JSON array of objects, or JSON Lines (also for .json files, as many datasets ship them)."""
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -162,9 +201,9 @@ def _read_json(path: Path) -> list[dict]:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"{path}: item {i} of the JSON array is a {type(row).__name__}, not an object")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+        return rows, None
+    rows, lines = [], []
+    for lineno, line in enumerate(text.split("\n"), start=1):  # "\n" only, as the byte count above
         if not line.strip():
             continue
         try:
@@ -174,7 +213,8 @@ def _read_json(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got a {type(row).__name__}")
         rows.append(row)
-    return rows
+        lines.append(lineno)
+    return rows, lines
 
 
 def _from_rows(path: Path, rows: list[dict]) -> datasets.Dataset:
@@ -187,7 +227,7 @@ def _from_rows(path: Path, rows: list[dict]) -> datasets.Dataset:
 
 
 def prepare_rows(cfg: DataConfig, source: Source, fields: frozenset[str], template: Path) -> datasets.Dataset:
-    """Rename columns, check that the template's fields exist, and pick the `max_samples` subset."""
+    """Rename columns and check that the template's fields exist."""
     ds = source.load()
     missing_keys = [key for key in cfg.column_map if key not in ds.column_names]
     if missing_keys:
@@ -203,10 +243,4 @@ def prepare_rows(cfg: DataConfig, source: Source, fields: frozenset[str], templa
             f"{source.label}: column {missing[0]!r} used by template {template} is missing; "
             f"columns found: {', '.join(ds.column_names)} (rename with data.column_map)"
         )
-    if cfg.max_samples is not None and cfg.max_samples < len(ds):
-        # Same permutation as `Dataset.shuffle(seed)`, without writing an indices file.
-        import numpy as np
-
-        order = np.random.default_rng(cfg.shuffle_seed).permutation(len(ds))[: cfg.max_samples]
-        ds = ds.select(order, keep_in_memory=True)
     return ds

@@ -9,8 +9,12 @@ A template file holds Jinja templates (`prompt`, `response`) and Jinja expressio
   `option`. Training renders them with option = options[gold]; eval renders every option into a
   (context, continuation) pair for log-likelihood scoring.
 - kind `code`: prompt -> response (a solution); eval runs `tests` against a completion.
-- kind `chat`: no templates; the tokenizer's chat template renders a `messages` column and every
+- kind `chat`: no templates; a chat template (the tokenizer's, or `data.chat_template`) renders the
+  conversation column named by `conversation` (default: `messages` of role/content) and every
   assistant turn is a target.
+- kind `text`: `response` only (raw text for continued pre-training); every token is a target.
+
+`defaults` gives values for fields a row may lack (alpaca's `input`).
 """
 
 from __future__ import annotations
@@ -31,10 +35,20 @@ from losia_cli.eval.extract import last_boxed
 from losia_cli.resources import templates_dir
 
 
+class Conversation(pydantic.BaseModel, extra="forbid"):
+    """Where a chat row keeps its turns: the defaults read `messages` of {role, content}."""
+
+    column: str = "messages"
+    role_key: str = "role"
+    content_key: str = "content"
+    roles: dict[str, Literal["system", "user", "assistant"]] = {"system": "system", "user": "user", "assistant": "assistant"}
+    """Source role name -> chat-template role."""
+
+
 class TemplateSpec(pydantic.BaseModel, extra="forbid"):
     names: list[str] | None = None  # task names this file registers (default: the file stem)
     family: str
-    kind: Literal["generate", "multiple_choice", "code", "chat"]
+    kind: Literal["generate", "multiple_choice", "code", "chat", "text"]
     description: str
     sample: str | None = None  # bundled fixture (data_templates/samples/) in this task's schema
     prompt: str | None = None
@@ -44,6 +58,8 @@ class TemplateSpec(pydantic.BaseModel, extra="forbid"):
     gold: str | None = None
     tests: str | None = None
     entry_point: str | None = None
+    defaults: dict[str, Any] = {}
+    conversation: Conversation = Conversation()
 
     @pydantic.model_validator(mode="after")
     def _kind_fields(self) -> TemplateSpec:
@@ -52,6 +68,7 @@ class TemplateSpec(pydantic.BaseModel, extra="forbid"):
             "multiple_choice": ("prompt", "response", "options", "gold"),
             "code": ("prompt", "response", "tests"),
             "chat": (),
+            "text": ("response",),
         }[self.kind]
         missing = [key for key in needed if getattr(self, key) is None]
         if missing:
@@ -98,11 +115,11 @@ class Task:
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"{path}: template {key!r} line {e.lineno}: {e.message}") from None
         if spec.kind == "chat":
-            used = {"messages"}
+            used = {spec.conversation.column}
         elif spec.kind == "multiple_choice":
             used -= _BOUND
-        self.fields: frozenset[str] = frozenset(used)
-        """Columns a row must have: every field the template refers to."""
+        self.fields: frozenset[str] = frozenset(used - spec.defaults.keys())
+        """Columns a row must have: every field the template refers to that has no default."""
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, kind={self.kind}, template={self.path})"
@@ -119,6 +136,7 @@ class Task:
         return self._templates[key].render({**row, **extra})
 
     def _guard(self, fn, row: dict, *args):
+        row = {**row, **{k: v for k, v in self.spec.defaults.items() if row.get(k) is None}}
         try:
             return fn(row, *args)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
@@ -126,9 +144,10 @@ class Task:
                 raise
             raise DataError(f"task {self.name} ({self.path.name}): cannot render row: {e}") from None
 
-    def render_train(self, row: dict, tokenizer=None) -> tuple[str, str]:
-        """(prompt, response) the model is trained on; chat needs the tokenizer (its template)."""
-        return self._guard(self._train, row, tokenizer)
+    def render_train(self, row: dict, tokenizer=None, chat_template: str | None = None) -> tuple[str, str]:
+        """(prompt, response) the model is trained on; chat needs the tokenizer and a chat template
+        (`chat_template`, else the tokenizer's own)."""
+        return self._guard(self._train, row, tokenizer, chat_template)
 
     def render_eval(self, row: dict, tokenizer=None) -> dict:
         """What an evaluator needs, by kind:
@@ -137,17 +156,19 @@ class Task:
         code: prompt, target, tests, entry_point (None if the template has none)."""
         return self._guard(self._eval, row, tokenizer)
 
-    def train_segments(self, row: dict, tokenizer=None) -> list[tuple[str, bool]]:
+    def train_segments(self, row: dict, tokenizer=None, chat_template: str | None = None) -> list[tuple[str, bool]]:
         """The training text as (text, is_target) pieces; only chat has more than two."""
         if self.kind == "chat":
-            return self._guard(_chat_segments, row, tokenizer)
+            return self._guard(self._chat_segments, row, tokenizer, chat_template)
         prompt, response = self.render_train(row, tokenizer)
         return [(prompt, False), (response, True)]
 
-    def _train(self, row: dict, tokenizer) -> tuple[str, str]:
+    def _train(self, row: dict, tokenizer, chat_template: str | None) -> tuple[str, str]:
         if self.kind == "chat":
-            segments = _chat_segments(row, tokenizer)
+            segments = self._chat_segments(row, tokenizer, chat_template)
             return "".join(text for text, _ in segments[:-1]), segments[-1][0]
+        if self.kind == "text":
+            return "", self._render("response", row)
         extra = {}
         if self.kind == "multiple_choice":
             options, gold = self._choice(row)
@@ -155,8 +176,10 @@ class Task:
         return self._render("prompt", row, **extra), self._render("response", row, **extra)
 
     def _eval(self, row: dict, tokenizer) -> dict:
+        if self.kind == "text":
+            raise ValueError("a text task (continued pre-training) has no evaluation format")
         if self.kind == "chat":
-            messages = _messages(row)
+            messages = self._messages(row)
             prompt = tokenizer.apply_chat_template(
                 messages[:-1], add_generation_prompt=True, tokenize=False
             )
@@ -183,40 +206,53 @@ class Task:
         return out
 
 
-def _messages(row: dict) -> list[dict]:
-    messages = row["messages"]
-    if not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-        raise ValueError("`messages` must be a non-empty list of {role, content} objects")
-    if messages[-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant's (the training target)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    def _messages(self, row: dict) -> list[dict]:
+        """The conversation as [{role, content}] in chat-template roles (system/user/assistant)."""
+        schema = self.spec.conversation
+        turns = row[schema.column]
+        keys = {schema.role_key, schema.content_key}
+        if not turns or not all(isinstance(t, dict) and keys <= t.keys() for t in turns):
+            raise ValueError(f"`{schema.column}` must be a non-empty list of {{{schema.role_key}, {schema.content_key}}} objects")
+        messages = []
+        for i, turn in enumerate(turns, start=1):
+            role = schema.roles.get(turn[schema.role_key])
+            if role is None:
+                raise ValueError(f"turn {i} has {schema.role_key} {turn[schema.role_key]!r}; "
+                                 f"expected one of {', '.join(schema.roles)}")
+            if not isinstance(turn[schema.content_key], str):
+                raise ValueError(f"turn {i}: {schema.content_key} is not a string")
+            messages.append({"role": role, "content": turn[schema.content_key]})
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("the last turn must be the assistant's (the training target)")
+        return messages
 
+    def _chat_segments(self, row: dict, tokenizer, chat_template: str | None) -> list[tuple[str, bool]]:
+        """Split the chat-template rendering into prompt and assistant-turn pieces by rendering
+        growing prefixes of the conversation; each assistant turn (with its end-of-turn token) is a
+        target. Works with any template whose rendering of a conversation extends the rendering
+        of its prefixes, without {% generation %} markers."""
+        if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
+            raise DataError("the tokenizer has no chat template; set data.chat_template (e.g. chatml)")
+        messages = self._messages(row)
 
-def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
-    """Split the chat-template rendering into prompt and assistant-turn pieces by rendering growing
-    prefixes of the conversation; each assistant turn (with its end-of-turn token) is a target."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the chat task needs a tokenizer with a chat template")
-    messages = _messages(row)
-
-    def render(upto: int, generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            messages[:upto], add_generation_prompt=generation_prompt, tokenize=False
-        )
-
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, through = render(i, True), render(i + 1, False)
-        if not before.startswith(done) or not through.startswith(before):
-            raise ValueError(
-                "the tokenizer's chat template does not render conversations prefix by prefix, "
-                "so assistant turns cannot be located"
+        def render(upto: int, generation_prompt: bool) -> str:
+            return tokenizer.apply_chat_template(
+                messages[:upto], chat_template=chat_template, add_generation_prompt=generation_prompt, tokenize=False
             )
-        segments += [(before[len(done) :], False), (through[len(before) :], True)]
-        done = through
-    return segments
+
+        segments, done = [], ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = render(i, True), render(i + 1, False)
+            if not before.startswith(done) or not through.startswith(before):
+                raise ValueError(
+                    "the chat template does not render conversations prefix by prefix, "
+                    "so assistant turns cannot be located"
+                )
+            segments += [(before[len(done) :], False), (through[len(before) :], True)]
+            done = through
+        return segments
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -261,3 +297,22 @@ def get_task(name: str) -> Task:
     if path is None:
         raise DataError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     return load_task(path, name)
+
+
+def chat_templates_dir() -> Path:
+    return templates_dir() / "chat_templates"
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """Jinja text of `data.chat_template`: a bundled name (chatml, llama-2, gemma) or a file."""
+    if spec is None:
+        return None
+    bundled = chat_templates_dir() / f"{spec}.jinja"
+    path = bundled if bundled.is_file() else Path(spec).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in chat_templates_dir().glob("*.jinja")))
+        raise DataError(f"data.chat_template {spec!r} is neither a bundled template ({names}) nor a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read chat template: {e}") from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -57,7 +58,8 @@ class Encoder:
 
     task: Task
     tokenizer: object
-    source: str  # names the data in error messages
+    where: Callable[[int], str]  # row index -> "file:line" (or "source row N") for error messages
+    chat_template: str | None  # overrides the tokenizer's for chat tasks
     specials: Specials
     max_length: int
     train_on_input: bool
@@ -69,9 +71,9 @@ class Encoder:
         pieces = []
         for i, row in enumerate(rows):
             try:
-                pieces.append(self.task.train_segments(row, self.tokenizer))
+                pieces.append(self.task.train_segments(row, self.tokenizer, self.chat_template))
             except DataError as e:
-                raise DataError(f"{self.source} row {first_row + i + 1}: {e}") from None
+                raise DataError(f"{self.where(first_row + i)}: {e}") from None
         texts = [text for segments in pieces for text, _ in segments]
         ids = self.tokenizer(
             texts, add_special_tokens=False, split_special_tokens=self.task.kind != "chat"
@@ -81,6 +83,9 @@ class Encoder:
             encoded = ids[k : k + len(segments)]
             k += len(segments)
             sample = self._assemble(segments, encoded)
+            if self.task.kind == "text":  # pre-training text: a long document is cut, not lost
+                samples += self._pieces(sample)
+                continue
             if len(sample[0]) > self.max_length:
                 if self.overlong == "drop":
                     dropped += 1
@@ -92,6 +97,16 @@ class Encoder:
                 truncated += 1
             samples.append(sample)
         return samples, dropped, truncated
+
+    def _pieces(self, sample: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """max_length pieces of a document; each piece's first token is a target-less context."""
+        out = []
+        for start in range(0, len(sample[0]), self.max_length):
+            ids, labels = sample[0][start : start + self.max_length], sample[1][start : start + self.max_length].copy()
+            labels[0] = IGNORE
+            if (labels != IGNORE).any():
+                out.append((ids, labels))
+        return out
 
     def _assemble(self, segments, encoded) -> tuple[np.ndarray, np.ndarray]:
         bos = list(self.specials.bos)
