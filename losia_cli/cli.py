@@ -48,15 +48,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from losia_cli.config import ConfigError
     from losia_cli.bench import BenchError
+    from losia_cli.chat import ChatError
     from losia_cli.data import DataError
     from losia_cli.eval.sandbox import CodeExecutionNotAllowed
+    from losia_cli.export import ExportError
     from losia_cli.merge import MergeError
     from losia_cli.models import ModelError
     from losia_cli.report import ReportError
     from losia_cli.slurm import SlurmError
 
     return (UsageError, ConfigError, DataError, ModelError, MergeError, BenchError, ReportError,
-            SlurmError, CodeExecutionNotAllowed, HydraException, OmegaConfBaseException)
+            SlurmError, CodeExecutionNotAllowed, ChatError, ExportError, HydraException, OmegaConfBaseException)
 
 
 # --- composition ----------------------------------------------------------------------------------
@@ -282,6 +284,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _sampling(args):
+    from losia_cli.chat import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed)
+
+
+def cmd_chat(args) -> int:
+    from losia_cli.chat import chat, set_chat_template
+    from losia_cli.eval.command import load_target
+
+    model, tokenizer, _, _ = load_target(args.target)
+    set_chat_template(tokenizer, args.chat_template)
+    chat(model, tokenizer, _sampling(args), system=args.system)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from losia_cli.chat import generate_file, read_prompts, set_chat_template
+    from losia_cli.eval.command import load_target
+
+    read_prompts(args.prompts)  # bad rows fail before the model loads
+    model, tokenizer, _, _ = load_target(args.target)
+    set_chat_template(tokenizer, args.chat_template)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done, skipped = generate_file(model, tokenizer, args.prompts, args.out, _sampling(args), system=args.system,
+                                  batch_size=args.batch_size, console=err_console)
+    console.print(f"[green]generated[/] {done} replies ({skipped} already answered) -> {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from losia_cli.eval.command import load_target
+    from losia_cli.export import export_gguf
+    from losia_cli.model_card import write_model_card
+
+    model, tokenizer, identity, _ = load_target(str(args.target))
+    result = export_gguf(model, tokenizer, args.out, outtype=args.outtype, name=Path(args.target).name,
+                         force=args.force)
+    card = write_model_card(
+        args.out.with_name(f"{args.out.stem}.README.md"), identity.get("run_dir"),
+        base_model=identity.get("name_or_path"), library="gguf",
+        notes=[f"**format**: GGUF {args.outtype} ({args.out.name}), logits verified through transformers' "
+               f"GGUF loader (max drift vs the unrounded model {result['max_abs_logit_drift']:.2e})"],
+    )
+    console.print(f"[green]exported[/] {args.out} ({args.outtype}, {result['bytes'] / 2**20:.1f} MiB; reloaded "
+                  f"logits equal the {args.outtype}-rounded model's, max drift {result['max_abs_logit_drift']:.2e}); "
+                  f"card -> {card}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from losia_cli.report import build_report
 
@@ -327,9 +380,11 @@ examples:
   losia eval runs/demo tasks=[gsm8k@bundled:gsm8k_sample] limit=32
   losia eval package:smollm2-135m tasks=[humaneval] allow_code_exec=true
   losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m
+  losia eval runs/demo backend=lm_eval tasks=[arc_easy,hellaswag] num_fewshot=0 limit=100
+  losia eval runs/demo backend=lm_eval tasks=[my_task] include_path=./my_tasks   # local harness YAMLs
 tasks: TASK (with a default eval set: {defaults}) or TASK@SOURCE (any data.source)
 options: tasks limit batch_size max_new_tokens num_samples temperature top_p allow_code_exec
-         chat timeout_s forgetting seed
+         chat timeout_s forgetting seed backend (native|lm_eval) include_path num_fewshot
 """
 
 COMPARE_EXAMPLES = """\
@@ -359,6 +414,37 @@ examples:
   losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256
   losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 dtype=bf16 device=cuda --no-interleave
 """
+
+
+CHAT_EXAMPLES = """\
+examples:
+  losia chat runs/demo                                   # /reset starts over, /exit quits
+  echo "What is 7*8?" | losia chat package:smollm2-135m --max-new-tokens 32
+  losia chat runs/demo --system "You are terse." --temperature 0.7 --top-p 0.9
+"""
+
+GENERATE_EXAMPLES = """\
+examples:
+  losia generate runs/demo prompts.jsonl --out replies.jsonl      # rows: {"prompt": "...", "id": ...}
+  losia generate package:smollm2-135m prompts.jsonl --out r.jsonl --batch-size 16 --temperature 0.7
+Run it again to resume: prompts already in --out (by id, else by prompt text) are skipped.
+"""
+
+EXPORT_EXAMPLES = """\
+examples:
+  losia export runs/demo --format gguf --out demo-f16.gguf
+  losia export runs/demo --format gguf --outtype q8_0 --out demo-q8_0.gguf --force
+Llama-family models with a byte-level BPE tokenizer (SmolLM2); writes FILE and STEM.README.md beside it.
+"""
+
+
+def _sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--chat-template", help="Jinja chat template (file or string) if the model has none")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,6 +491,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("options", nargs="*", help="key=value options (see below)")
     p.add_argument("--baseline", help="also evaluate this model; report per-task and forgetting deltas")
     p.add_argument("--out", type=Path, help="output dir (default: RUN/eval or runs/eval-*/eval)")
+
+    p = command("chat", "talk to a run, model dir or hub id (streams; off a TTY: one turn per stdin line)",
+                CHAT_EXAMPLES, cmd_chat)
+    p.add_argument("target", help="run dir, model dir, .gguf, package:NAME or hub id")
+    _sampling_arguments(p)
+
+    p = command("generate", "answer a JSONL file of prompts, batched and resumable", GENERATE_EXAMPLES, cmd_generate)
+    p.add_argument("target", help="run dir, model dir, .gguf, package:NAME or hub id")
+    p.add_argument("prompts", type=Path, help='JSONL, one {"prompt": ..., "id"?: ...} per line')
+    p.add_argument("--out", type=Path, required=True, help="JSONL replies (appended; resumable)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _sampling_arguments(p)
+
+    p = command("export", "write a run or model as one GGUF file (verified by reloading)", EXPORT_EXAMPLES,
+                cmd_export)
+    p.add_argument("target", help="run dir, model dir, package:NAME or hub id")
+    p.add_argument("--format", choices=["gguf"], required=True)
+    p.add_argument("--outtype", choices=["f16", "bf16", "q8_0"], default="f16")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     p = command("compare", "train several methods on the same recipe, evaluate, one table",
                 COMPARE_EXAMPLES, cmd_compare)

@@ -32,6 +32,7 @@ from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import RunRecords, step_timings
 from losia_cli.methods import TrainContext, WarmupCosine, build_method
+from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
@@ -296,6 +297,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> Path:
             from losia_cli.eval.command import run_eval
 
             run_eval(final, tokenizer, cfg.eval, run_dir / "eval", {"run_dir": str(run_dir)}, console)
+        write_model_card(run_dir / "final", run_dir)  # after eval: the card carries its scores
         console.print(
             f"[green]done[/] {total_steps} steps, loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}, "
             f"p50 {report['step_time_s']['p50']:.2f} s/step -> {run_dir}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,9 @@ class EvalConfig(BaseModel):
     forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
     after_train: bool = False  # run these tasks at the end of `losia train`
     seed: int = 0
+    backend: Literal["native", "lm_eval"] = "native"  # lm_eval: tasks are lm-evaluation-harness task names
+    include_path: str | None = None  # lm_eval: a dir of extra harness task YAMLs (local tasks)
+    num_fewshot: int | None = Field(None, ge=0)  # lm_eval: few-shot examples (None: each task's default)
 
 
 def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
@@ -92,6 +96,14 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
     from losia_cli.eval.results import model_identity, results_table, write_results
     from losia_cli.eval.runner import evaluate
 
+    if cfg.backend == "lm_eval":
+        from losia_cli.data import DataError
+        from losia_cli.eval.lm_eval_backend import run_lm_eval
+
+        if baseline is not None:
+            raise DataError("--baseline works with the native backend only (backend=native)")
+
+        return run_lm_eval(model, tokenizer, cfg, out_dir, identity, console)
     if not cfg.tasks and not cfg.forgetting:
         raise ValueError("nothing to evaluate: give tasks=[...] or forgetting=true")
     task_rows = [load_rows(spec, cfg.limit) for spec in cfg.tasks]  # fail on bad data before scoring
