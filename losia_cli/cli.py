@@ -278,6 +278,8 @@ def cmd_eval(args) -> int:
     from losia_cli.eval.command import load_target, run_eval
 
     cfg = parse_eval_config(args.options)
+    if args.baseline and cfg.backend == "lm_eval":
+        raise UsageError("--baseline works with the native backend only (backend=native)")
     model, tokenizer, identity, out_dir = load_target(args.target)
     baseline = load_target(args.baseline)[:2] if args.baseline else None
     run_eval(model, tokenizer, cfg, args.out or out_dir, identity, console, baseline)

@@ -97,11 +97,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
     from losia_cli.eval.runner import evaluate
 
     if cfg.backend == "lm_eval":
-        from losia_cli.data import DataError
         from losia_cli.eval.lm_eval_backend import run_lm_eval
-
-        if baseline is not None:
-            raise DataError("--baseline works with the native backend only (backend=native)")
 
         return run_lm_eval(model, tokenizer, cfg, out_dir, identity, console)
     if not cfg.tasks and not cfg.forgetting:
