@@ -65,12 +65,14 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
                   f"- **final loss**: {report.get('final_loss'):.4f}" if report.get("final_loss") is not None
                   else "- **final loss**: unknown"]
     facts += [f"- {note}" for note in notes]
+    where = [f"The run's full config: `{run_dir.resolve() / 'config.yaml'}`.", ""] if config else []
     body = [
-        f"# {Path(str(base_model or 'model')).name} fine-tuned with losia", "",
-        "Trained with the `losia` CLI (LoSiA, arXiv 2507.04487, and baselines).", "",
+        f"# {Path(str(base_model or 'model')).name}" + (f" + {method}" if method else ""), "",
+        "Made with the `losia` CLI (LoSiA, arXiv 2507.04487, and baselines).", "",
         "## Training", "", *facts, "",
         "## Evaluation", "", *_eval_lines(results), "",
-        "## Reproduce", "", "```", shlex.join(["losia", *sys.argv[1:]]), "```", "",
+        "## Command", "", "The command that wrote these files:", "", "```", shlex.join(["losia", *sys.argv[1:]]),
+        "```", "", *where,
         "## Versions", "", "```", yaml.safe_dump(versions(), sort_keys=False).strip(), "```", "",
     ]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)))
