@@ -79,8 +79,11 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
 
 
 def write_model_card(path: Path, run_dir: Path | None, **kwargs) -> Path:
-    """Write the card to `path` (a dir gets `README.md`), atomically."""
+    """Write the card to `path` (a dir gets `README.md`), atomically. An adapter dir (PEFT methods'
+    `final/`) is a peft model on the Hub; this card replaces the stub peft writes there."""
     path = Path(path)
     target = path / "README.md" if path.is_dir() else path
+    if (path / "adapter_config.json").is_file():
+        kwargs["library"] = "peft"
     atomic.write_text(target, model_card(Path(run_dir) if run_dir else None, **kwargs))
     return target
