@@ -31,6 +31,13 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    batch_size: int = 8  # generate: prompts per forward pass
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ChatError("--max-new-tokens and --batch-size must be at least 1")
+        if not 0 < self.top_p <= 1:
+            raise ChatError(f"--top-p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -167,7 +174,7 @@ def _append(out: Path, rows: list[dict]) -> None:
 
 
 def generate_file(model, tokenizer, prompts: Path, out: Path, sampling: Sampling, *, system: str | None = None,
-                  batch_size: int = 8, console=None) -> tuple[int, int]:
+                  console=None) -> tuple[int, int]:
     """Answer every prompt of `prompts` not yet in `out`; returns (answered now, skipped)."""
     from rich.progress import Progress
 
@@ -179,11 +186,12 @@ def generate_file(model, tokenizer, prompts: Path, out: Path, sampling: Sampling
     start = [{"role": "system", "content": system}] if system else []
     texts = [render(tokenizer, [*start, {"role": "user", "content": row["prompt"]}]) for row in todo]
     kwargs = sampling.generate_kwargs()
+    size = sampling.batch_size
     with Progress(console=console, disable=console is None) as progress:
         bar = progress.add_task("generating", total=len(todo))
-        for begin in range(0, len(todo), batch_size):
-            batch = todo[begin:begin + batch_size]
-            answers = generate(model, tokenizer, texts[begin:begin + batch_size], batch_size=batch_size,
+        for begin in range(0, len(todo), size):
+            batch = todo[begin:begin + size]
+            answers = generate(model, tokenizer, texts[begin:begin + size], batch_size=size,
                                max_new_tokens=sampling.max_new_tokens, do_sample=kwargs["do_sample"],
                                temperature=sampling.temperature, top_p=sampling.top_p,
                                seed=sampling.seed + begin)

@@ -290,16 +290,17 @@ def _sampling(args):
     from losia_cli.chat import Sampling
 
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed)
+                    seed=args.seed, batch_size=getattr(args, "batch_size", 8))
 
 
 def cmd_chat(args) -> int:
     from losia_cli.chat import chat, set_chat_template
     from losia_cli.eval.command import load_target
 
+    sampling = _sampling(args)  # bad options fail before the model loads
     model, tokenizer, _, _ = load_target(args.target)
     set_chat_template(tokenizer, args.chat_template)
-    chat(model, tokenizer, _sampling(args), system=args.system)
+    chat(model, tokenizer, sampling, system=args.system)
     return 0
 
 
@@ -307,12 +308,13 @@ def cmd_generate(args) -> int:
     from losia_cli.chat import generate_file, read_prompts, set_chat_template
     from losia_cli.eval.command import load_target
 
-    read_prompts(args.prompts)  # bad rows fail before the model loads
+    sampling = _sampling(args)
+    read_prompts(args.prompts)  # bad options and rows fail before the model loads
     model, tokenizer, _, _ = load_target(args.target)
     set_chat_template(tokenizer, args.chat_template)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done, skipped = generate_file(model, tokenizer, args.prompts, args.out, _sampling(args), system=args.system,
-                                  batch_size=args.batch_size, console=err_console)
+    done, skipped = generate_file(model, tokenizer, args.prompts, args.out, sampling, system=args.system,
+                                  console=err_console)
     console.print(f"[green]generated[/] {done} replies ({skipped} already answered) -> {args.out}")
     return 0
 

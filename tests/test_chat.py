@@ -75,13 +75,21 @@ def test_generate_batches_and_resumes(capsys, tiny_llama_dir, tmp_path):
     ('{"text": "hi"}', 'prompts.jsonl:2: each line needs a "prompt"'),
     ('{"prompt": "hi"}', "prompts.jsonl:2: duplicate prompt"),
 ])
-def test_generate_bad_rows_name_file_and_line(capsys, tiny_llama_dir, tmp_path, line, message):
+def test_generate_bad_rows_name_file_and_line(capsys, tmp_path, line, message):
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "replies.jsonl"
     prompts.write_text('{"prompt": "hi"}\n' + line + "\n")
-    assert main(["generate", str(tiny_llama_dir), str(prompts), "--out", str(out)]) == 2
+    assert main(["generate", "no/such/model", str(prompts), "--out", str(out)]) == 2  # before any load
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--top-p", "0"], ["--max-new-tokens", "0"]])
+def test_generate_bad_options(capsys, tmp_path, option):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    assert main(["generate", "no/such/model", str(prompts), "--out", str(tmp_path / "r.jsonl"), *option]) == 2
+    assert option[0] in capsys.readouterr().err
 
 
 @pytest.mark.slow
