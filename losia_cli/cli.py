@@ -334,7 +334,8 @@ def cmd_export(args) -> int:
                f"GGUF loader (max drift vs the unrounded model {result['max_abs_logit_drift']:.2e})"],
     )
     console.print(f"[green]exported[/] {args.out} ({args.outtype}, {result['bytes'] / 2**20:.1f} MiB; reloaded "
-                  f"logits equal the {args.outtype}-rounded model's, max drift {result['max_abs_logit_drift']:.2e}); "
+                  f"logits equal the {args.outtype}-rounded model's; drift vs unrounded "
+                  f"{result['max_abs_logit_drift']:.2e}, {result['relative_logit_drift']:.1%} of the logit range); "
                   f"card -> {card}")
     return 0
 
