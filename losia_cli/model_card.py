@@ -53,7 +53,7 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
     card_data = ModelCardData(
         base_model=base_model if base_model and not base_model.startswith(("package:", "/", ".")) else None,
         library_name=library,
-        tags=["losia", *([method] if method else []), "fine-tuned"],
+        tags=["losia", *([method, "fine-tuned"] if method else [])],
     )
     facts = [
         f"- **method**: {method or 'none (exported as loaded)'}",

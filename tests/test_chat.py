@@ -38,6 +38,16 @@ def test_chat_on_a_tiny_model_from_stdin(monkeypatch, capsys, tiny_llama_dir):
     assert len(answers) == 1 and out.endswith("\n") and out.strip() == answers[0]
 
 
+def test_chat_on_a_lora_run_dir(monkeypatch, capsys, tiny_config):
+    from losia_cli.engine.loop import train
+
+    run_dir = train(tiny_config("chat", "method=lora", "train.max_steps=1"))
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 7*8?\n/exit\n"))
+    assert main(["chat", str(run_dir), "--max-new-tokens", "3"]) == 0  # the adapter is folded in memory
+    assert capsys.readouterr().out.endswith("\n")
+
+
 def test_chat_template_missing_or_given(tok, tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
