@@ -15,6 +15,11 @@ import yaml
 from losia_cli import atomic
 
 
+# The Hub repos the packaged GGUF models were converted from, for the card's `base_model`.
+PACKAGED_BASES = {"package:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                  "package:gemma3-270m": "google/gemma-3-270m"}
+
+
 def _read(path: Path, loader):
     """A run record, or None when the run has not written it (e.g. no eval yet)."""
     try:
@@ -48,6 +53,7 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
     config = config or {}
     method = config.get("method", {}).get("name")
     base_model = base_model or config.get("model", {}).get("name_or_path")
+    base_model = PACKAGED_BASES.get(base_model, base_model)
     data = config.get("data", {})
     data_text = ", ".join(f"{k}={data[k]}" for k in ("task", "source", "split") if data.get(k)) or "unknown"
     card_data = ModelCardData(
