@@ -47,7 +47,8 @@ def _rope_interleave(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _check_supported(model) -> None:
+def _check_supported(model, tokenizer) -> None:
+    """Refuse before writing anything: a non-Llama model, rope scaling, a non-BPE tokenizer."""
     config = model.config
     if config.model_type != "llama":
         raise ExportError(f"GGUF export supports Llama-family models (model_type llama); this one is "
@@ -55,6 +56,10 @@ def _check_supported(model) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ExportError(f"GGUF export: tokenizer model {spec['model']['type']} is not supported (BPE is)")
+    _pre_tokenizer(spec.get("pre_tokenizer"))
 
 
 def _gguf_tensors(model, outtype: str):
@@ -97,9 +102,7 @@ def _pre_tokenizer(spec: dict | None) -> str:
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ExportError(f"GGUF export: tokenizer model {spec['model']['type']} is not supported (BPE is)")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())  # checked by _check_supported
     vocab = tokenizer.get_vocab()
     tokens = [f"[PAD{i}]" for i in range(max(vocab_size, len(vocab)))]
     types = [gguf.TokenType.UNUSED] * len(tokens)
@@ -157,20 +160,18 @@ def _write(path: Path, model, tokenizer, name: str, outtype: str) -> None:
     writer.close()
 
 
-def rounded_copy(model, outtype: str):
-    """`model` with every 2-D weight rounded as the file stores it (the exact reference for a reload)."""
-    import copy
-
+def round_like_gguf_(model, outtype: str):
+    """Round every 2-D weight of `model` in place as the file stores it: the exact reference for a
+    reload (in place: a second copy of a 7B model is 28 GB)."""
     import gguf
 
-    rounded = copy.deepcopy(model).float()
     qtype = _qtype(outtype)
     with torch.no_grad():
-        for param in rounded.parameters():
+        for param in model.parameters():
             if param.ndim == 2:  # q8_0 blocks run along rows, so rounding commutes with the rope reorder
-                data = param.detach().cpu().numpy()
+                data = param.detach().float().cpu().numpy()
                 param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)))
-    return rounded
+    return model
 
 
 def load_gguf(path: Path):
@@ -182,15 +183,18 @@ def load_gguf(path: Path):
 
 def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str = "model",
                 force: bool = False) -> dict:
-    """Write, reload and verify `out`; returns what was verified (for the CLI and the model card)."""
+    """Write, reload and verify `out`; returns what was verified (for the CLI and the model card).
+    `model` ends with its weights rounded to `outtype`."""
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
-    _check_supported(model)
+    _check_supported(model, tokenizer)
     model = model.float().eval()
     tokens = probe_tokens(model)
+    with torch.no_grad():
+        unrounded = model(tokens).logits
     with atomic.file(out) as tmp:
         tmp = tmp.with_name(tmp.name + ".gguf")  # transformers wants the suffix
         try:
@@ -199,10 +203,9 @@ def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str 
                 os.fsync(handle.fileno())
             with torch.no_grad():
                 reloaded = load_gguf(tmp)(tokens).logits
-                expected = rounded_copy(model, outtype)(tokens).logits
-                unrounded = model(tokens).logits
                 drift = (reloaded - unrounded).abs().max().item()
                 relative = drift / unrounded.abs().max().item()
+                expected = round_like_gguf_(model, outtype)(tokens).logits  # `model` is spent from here
             if not torch.equal(reloaded, expected):
                 diff = (reloaded - expected).abs().max().item()
                 raise ExportError(f"verification failed: reloaded logits differ from the {outtype}-rounded "
