@@ -46,12 +46,22 @@ class Sampling:
 
 
 def set_chat_template(tokenizer, template: str | None) -> None:
-    """Use `template` (a Jinja file or string) if given; refuse a model that has none."""
+    """Use `template` (a Jinja string, or a file) if given; refuse a model that has none, or a template
+    that does not render."""
+    import jinja2
+
+    if template and "{{" not in template and "{%" not in template:
+        if not Path(template).is_file():
+            raise ChatError(f"--chat-template: no such file {template}")
+        template = Path(template).read_text()
     if template:
-        path = Path(template)
-        tokenizer.chat_template = path.read_text() if path.is_file() else template
+        tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise ChatError("this model's tokenizer has no chat template; pass --chat-template FILE (Jinja)")
+    try:
+        render(tokenizer, [{"role": "user", "content": "hi"}])
+    except jinja2.TemplateError as e:
+        raise ChatError(f"the chat template does not render: {e}") from None
 
 
 def render(tokenizer, messages: list[dict]) -> str:

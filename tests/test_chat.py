@@ -57,6 +57,10 @@ def test_chat_template_missing_or_given(tok, tmp_path):
         set_chat_template(bare, None)
     set_chat_template(bare, str(template))
     assert chat_module.render(bare, [{"role": "user", "content": "hi"}]) == "hi|"
+    with pytest.raises(ChatError, match="no such file"):
+        set_chat_template(bare, str(tmp_path / "missing.jinja"))
+    with pytest.raises(ChatError, match="does not render"):
+        set_chat_template(bare, "{% for m in messages %}")
 
 
 def _rows(path):
