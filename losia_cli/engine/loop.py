@@ -36,6 +36,7 @@ from losia_cli.engine.records import RunRecords, step_timings
 from losia_cli.engine.rundir import name_run, resume_point
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.methods import Method, Records, TrainContext, WarmupCosine, build_method
+from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
@@ -272,6 +273,7 @@ def finish(run: Run) -> Path:
         from losia_cli.eval.command import run_eval
 
         run_eval(final, run.tokenizer, cfg.eval, run.run_dir / "eval", {"run_dir": str(run.run_dir)}, run.console)
+    write_model_card(run.run_dir / "final", run.run_dir)  # after eval: the card carries its scores
     run.console.print(
         f"[green]done[/] {run.total_steps} steps, loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}, "
         f"p50 {report['step_time_s']['p50']:.2f} s/step -> {run.run_dir}"

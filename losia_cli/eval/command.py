@@ -61,6 +61,10 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
     from losia_cli.eval.results import model_identity, results_table, write_results
     from losia_cli.eval.runner import evaluate
 
+    if cfg.backend == "lm_eval":
+        from losia_cli.eval.lm_eval_backend import run_lm_eval
+
+        return run_lm_eval(model, tokenizer, cfg, out_dir, identity, console)
     if not cfg.tasks and not cfg.forgetting:
         raise UsageError("nothing to evaluate: give tasks=[...] or forgetting=true")
     task_rows = [load_rows(spec, cfg.limit) for spec in cfg.tasks]  # fail on bad data before scoring

@@ -37,3 +37,6 @@ class EvalConfig(BaseModel):
     forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
     after_train: bool = False  # run these tasks at the end of `losia train`
     seed: int = 0
+    backend: Literal["native", "lm_eval"] = "native"  # lm_eval: tasks are lm-evaluation-harness task names
+    include_path: str | None = None  # lm_eval: a dir of extra harness task YAMLs (local tasks)
+    num_fewshot: int | None = Field(None, ge=0)  # lm_eval: few-shot examples (None: each task's default)
