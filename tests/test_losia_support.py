@@ -99,7 +99,7 @@ def train_step(model, method, optimizer, step: int, grad_accum: int = 1) -> floa
         group["lr"] = group["base_lr"] * factor
     total = 0.0
     for micro in range(grad_accum):
-        ids = batch(step, micro)
+        ids = batch(step, micro).to(next(model.parameters()).device)  # the GPU tests train on CUDA
         loss = model(input_ids=ids, labels=ids).loss / grad_accum
         loss.backward()
         total += loss.item()
