@@ -48,9 +48,11 @@ def test_fp32_weights_under_bf16_autocast():
 
 @pytest.mark.parametrize("name", ["losia_pro", "losia"])
 def test_delta_form_trains_like_write_through(name):
+    """Within one block (bf16 rounding differs between the forms, so scores could pick other blocks)."""
     runs = []
     for sharded in (False, True):
-        model, method = build(_cuda_bf16, total_steps=12, ctx_kw={"sharded_weights": sharded}, name=name)
+        model, method = build(_cuda_bf16, total_steps=12, ctx_kw={"sharded_weights": sharded}, name=name,
+                              period=100)
         train(model, method, make_optimizer(method), range(12))
         method.finalize(model)
         runs.append(model)
