@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -31,6 +30,7 @@ from unittest import mock
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AttentionInterface
 
 from losia_cli import atomic
 from losia_cli.bench import BETAS, EPS, LR, SHAPES, BenchError, build_model, make_method
@@ -64,14 +64,19 @@ def _meta_autocast():
     from losia_cli.methods.losia import autograd
 
     function_for = autograd._function_for
-    with mock.patch.object(autograd, "_function_for", lambda device: function_for("cpu" if device == "meta" else device)):
+
+    def meta_as_cpu(device_type: str):
+        return function_for("cpu" if device_type == "meta" else device_type)
+
+    with mock.patch.object(autograd, "_function_for", meta_as_cpu):
         yield
 
 
 def _fused_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Causal attention as the fused kernel a GPU runs (torch's flash op, which has meta shapes): it
     saves q, k, v, the output and a logsumexp, never the T x T probabilities, and its backward
-    recomputes the scores. On meta, plain sdpa would take the math path and save the probabilities."""
+    recomputes the scores. On meta, plain sdpa would take the math path and save the probabilities.
+    The mask is not needed: the bench batch is unpadded, so causal is the whole mask."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = query.shape[1] // key.shape[1]
@@ -93,8 +98,6 @@ def measure(model: str | dict, name: str, batch: int, seq: int, dtype: str, lora
     """One method's FLOPs and bytes for one optimizer step (grad_accum 1) at B x T, on meta."""
     method = _method(name, lora_rank)
     ctx = TrainContext(schedule=WarmupCosine(total_steps=10), total_steps=10)
-    from transformers import AttentionInterface
-
     AttentionInterface.register("meta_fused", _fused_attention)
     base = build_model(model, "meta", dtype, seed=0)
     base.set_attn_implementation("meta_fused")
@@ -156,9 +159,7 @@ def _linears(net: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
     holds the frozen W) and peft's LoRA layer (whose `base_layer` does); never an adapter's own A or B."""
     found = []
     for name, module in net.named_modules():
-        if hasattr(module, "sub"):
-            found.append((name, module, module.out_features, module.in_features))
-        elif hasattr(module, "lora_A"):
+        if hasattr(module, "sub") or hasattr(module, "lora_A"):
             found.append((name, module, module.out_features, module.in_features))
         elif isinstance(module, nn.Linear) and ".lora_" not in name and not name.endswith(".base_layer"):
             found.append((name, module, *module.weight.shape))
@@ -181,7 +182,7 @@ def analytic_flops(net: nn.Module, name: str, batch: int, seq: int) -> int | Non
     layer's q, k, v), sum_scoring over the layer scoring this step. The issue's 1.017 for Pro/floor at
     7B leaves the first-layer term out (1.0166 without it, 1.0128 with it at B16xT256).
     """
-    if name in ("dora",):
+    if name == "dora":
         return None
     n_tok = batch * seq
     cfg = net.config

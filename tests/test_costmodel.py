@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from losia_cli.costmodel import analytic_flops, cost_table, main, markdown_table
+from losia_cli.costmodel import cost_table, main, markdown_table
 
 # Small, but with every part of a real shape (GQA, untied head, a vocabulary that matters).
 SHAPE = dict(family="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=3,
@@ -66,6 +66,3 @@ def test_table_and_cli(rows, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "llama_h512_l4", "--methods", "floor,nope"])
 
-
-def test_analytic_has_no_formula_for_dora():
-    assert analytic_flops(None, "dora", B, T) is None

@@ -37,8 +37,8 @@ def _train_two_steps(rank: int, init_file: str, extras: str) -> None:
 
 def test_fsdp_trains_fp32_blocks_next_to_bf16_extras(tmp_path):
     """FSDP2 refuses a unit whose trainable parameters mix dtypes (LoSiA's fp32 blocks, bf16 norms);
-    shard_model gives the minority its own units. `all` puts bf16 norms next to the fp32 blocks in every decoder-block unit, as `norms` does, and
-    trains the embeddings and head in the root unit besides."""
+    shard_model gives the minority its own units. `all` puts bf16 norms next to the fp32 blocks in
+    every decoder-block unit, as `norms` does, and trains the embeddings and head in the root unit."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_train_two_steps, args=(str(tmp_path / "init"), "all"), nprocs=2, join=True)
 
