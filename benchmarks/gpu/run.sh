@@ -41,8 +41,9 @@ environment() {
 }
 
 wheels() {
-  if ! ls wheels/*.whl wheels/*.tar.gz > /dev/null 2>&1; then echo "no wheels/ (make gpu-wheels): using the image as it is"; return 0; fi
-  $PY -m pip install --no-index --find-links wheels/ wheels/*
+  if [ -z "$(ls wheels 2>/dev/null)" ]; then echo "no wheels/ (make gpu-wheels): using the image as it is"; return 0; fi
+  # A dry run resolves the set offline without installing anything (the dev machine's venv is shared).
+  $PY -m pip install --no-index --find-links wheels/ $([ "$DRY" = 1 ] && echo --dry-run) wheels/*
 }
 
 bench() {  # bench NAME ARGS...: `losia bench` writing OUTDIR/NAME.json and .png
@@ -50,13 +51,25 @@ bench() {  # bench NAME ARGS...: `losia bench` writing OUTDIR/NAME.json and .png
   $PY -m losia_cli.cli bench "$@" --out "$OUT/$name.json" --plot "$OUT/$name.png"
 }
 
-export PY OUT
+export PY OUT DRY
 export -f environment wheels bench  # stages run them in a child bash, under `timeout`
 stage environment 20 environment
 stage wheels 60 wheels
-# galore needs galore-torch (and bitsandbytes); without them the gemma run leaves it out.
-GEMMA=floor,full,lora,lora_bf16,dora,pissa,galore,losia,losia_pro
-$PY -c "import galore_torch" 2>/dev/null || GEMMA=${GEMMA/galore,/}
+# known LIST: the methods of LIST this checkout's bench offers (galore only with galore-torch importable);
+# what is left out goes to OUTDIR/notes.txt and the summary.
+known() {
+  $PY - "$1" 2>> "$OUT/notes.txt" <<'PYEOF'
+import importlib.util, sys
+from losia_cli.bench import METHODS
+asked = sys.argv[1].split(",")
+ok = [m for m in asked if m in METHODS and (m != "galore" or importlib.util.find_spec("galore_torch"))]
+if len(ok) < len(asked):
+    print(f"bench leaves out {sorted(set(asked) - set(ok))}: not in this bench or its package missing", file=sys.stderr)
+print(",".join(ok))
+PYEOF
+}
+LLAMA=$(known floor,lora,lora_bf16,losia_pro)
+GEMMA=$(known floor,full,lora,lora_bf16,dora,pissa,galore,losia,losia_pro)
 if [ $DRY -eq 1 ]; then
   stage gpu_tests 60 $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml"
   stage train_smoke 10 echo "dry run: the bf16 LoSiA-Pro smoke runs on CUDA only"
@@ -67,7 +80,7 @@ else
   stage gpu_tests 150 $PY -m pytest -q -m gpu tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml"
   stage train_smoke 45 $PY -m losia_cli.cli train recipe=smollm2_135m_math method=losia_pro train.max_steps=20 \
     model.dtype=bf16 train.device=cuda run.output_dir="$OUT/runs" run.name=smoke
-  stage bench_llama2_7b 120 bench bench_llama2_7b model=llama2_7b "methods=[floor,lora,lora_bf16,losia_pro]" \
+  stage bench_llama2_7b 120 bench bench_llama2_7b model=llama2_7b "methods=[$LLAMA]" \
     batch=16 seq=256 dtype=bf16 steps=10 warmup=3
   # All nine models would not fit at once (DoRA alone saves ~52 GiB here): one method after another.
   stage bench_gemma_2b 150 bench bench_gemma_2b model=gemma_2b "methods=[$GEMMA]" batch=16 seq=256 dtype=bf16 \
@@ -78,6 +91,7 @@ fi
   echo "# GPU run $(date -u +%FT%TZ)"; echo
   echo "\`benchmarks/gpu/run.sh $*\` at $(git rev-parse --short HEAD 2>/dev/null)"; echo
   echo '```'; column -t -s $'\t' "$OUT/stages.tsv"; echo '```'
+  [ -s "$OUT/notes.txt" ] && sed 's/^/- /' "$OUT/notes.txt"
   grep -m1 -A0 "NVIDIA H\|NVIDIA A" "$OUT/environment.log" 2>/dev/null
   grep "^torch\|^transformers" "$OUT/environment.log" 2>/dev/null
   for json in "$OUT"/bench_*.json; do
