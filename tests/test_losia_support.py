@@ -103,7 +103,9 @@ def batch(step: int, micro: int, seq: int = 16, size: int = 2) -> torch.Tensor:
 
 def train_step(model, method, optimizer, step: int, grad_accum: int = 1) -> float:
     """One optimizer step through the engine's step driver; the mean token loss."""
-    batches = [{"input_ids": batch(step, micro), "labels": batch(step, micro)} for micro in range(grad_accum)]
+    device = next(model.parameters()).device  # the GPU tests train on CUDA
+    batches = [{"input_ids": batch(step, micro).to(device), "labels": batch(step, micro).to(device)}
+               for micro in range(grad_accum)]
     targets = sum(b["labels"][:, 1:].numel() for b in batches)
     loss_sum, _ = StepDriver(model, method, optimizer).step(step, batches, 1 / targets)
     return float(loss_sum) / targets

@@ -30,3 +30,13 @@ def test_saved_adapter_on_the_original_base_matches_training(name, tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=tokens).logits, trained, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("adapter_dtype", "expected"), [("fp32", torch.float32), ("base", torch.bfloat16)])
+def test_adapter_dtype_under_a_bf16_base(adapter_dtype, expected):
+    """peft upcasts adapters to fp32 by default; `adapter_dtype: base` keeps them in the base dtype
+    (bench's `lora_bf16`, the fair baseline under bf16)."""
+    method = PeftMethod(PeftMethodConfig(name="lora", rank=4, adapter_dtype=adapter_dtype))
+    model = method.prepare(tiny_llama().to(torch.bfloat16), TrainContext(schedule=WarmupCosine(3), total_steps=3))
+    adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert adapters and {p.dtype for p in adapters} == {expected}

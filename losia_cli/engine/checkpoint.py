@@ -148,6 +148,13 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
     return final
 
 
+def _torch_load(path: Path):
+    """A checkpoint file's objects on the CPU, whichever device wrote them: the loaders below copy them
+    onto each rank's own device (without a map_location every rank would land rank 0's tensors on
+    cuda:0), and RNG states must be CPU tensors anyway."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load(path: Path, accelerator, model, optimizer, method) -> dict:
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
@@ -164,12 +171,12 @@ def load(path: Path, accelerator, model, optimizer, method) -> dict:
             f"resume with dist.num_processes={saved_world}"
         )
     load_weights(model, path / "model.safetensors")
-    method.load_state_dict(torch.load(path / "method.pt", weights_only=False))
+    method.load_state_dict(_torch_load(path / "method.pt"))
     if zero is not None:
-        shards = [torch.load(path / f"optimizer-rank{r}.pt", weights_only=False) for r in range(saved_world)]
+        shards = [_torch_load(path / f"optimizer-rank{r}.pt") for r in range(saved_world)]
         zero.load_state_dict(shards, load_from_fp32_weights=True)
     elif _is_sharded(model):
-        whole = torch.load(path / "optimizer.pt", weights_only=False)
+        whole = _torch_load(path / "optimizer.pt")
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_optimizer_state_dict(model, optimizer, whole, options=options)
         # A tensor with no saved state (LoSiA had just reset its moments) starts fresh again, not from
@@ -178,8 +185,8 @@ def load(path: Path, accelerator, model, optimizer, method) -> dict:
             if param.requires_grad and name not in whole["state"]:
                 optimizer.state.pop(param, None)
     else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
     # A different number of processes gets rank 0's RNG for the new ranks (no longer bit-exact anyway).
     rng = path / f"rng-rank{rank if rank < saved_world else 0}.pt"
-    _set_rng_state(torch.load(rng, weights_only=False))
+    _set_rng_state(_torch_load(rng))
     return state

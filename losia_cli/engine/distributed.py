@@ -74,10 +74,35 @@ def shard_model(model: nn.Module) -> nn.Module:
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
         raise ConfigError(f"dist=fsdp: {type(model).__name__} names no decoder-block class (_no_split_modules)")
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for unit in [*blocks, model]:
+        for module in _minority_dtype_modules(unit):
+            fully_shard(module, mesh=mesh)
+        fully_shard(unit, mesh=mesh)
     return model
+
+
+def _minority_dtype_modules(unit: nn.Module) -> list[nn.Module]:
+    """FSDP2 all-gathers and reduces the trainable parameters of a unit in one dtype, and refuses a unit
+    that mixes them (LoSiA's fp32 blocks next to the bf16 norms of `dense_extras`). The modules of `unit`
+    (not yet in a unit of their own) whose trainable parameters are not in the unit's main dtype, the one
+    holding most trainable elements, become units of their own first: small ones, the norms, as a rule."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def own_modules(module: nn.Module):
+        yield module
+        for child in module.children():
+            if not isinstance(child, FSDPModule):
+                yield from own_modules(child)
+
+    owned = [(m, [p for p in m.parameters(recurse=False) if p.requires_grad]) for m in own_modules(unit)]
+    elements: dict[torch.dtype, int] = {}
+    for _, params in owned:
+        for p in params:
+            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+    if len(elements) < 2:
+        return []
+    main = max(elements, key=elements.get)
+    return [m for m, params in owned if m is not unit and any(p.dtype != main for p in params)]
 
 
 def deepspeed_optimizer(accelerator: Accelerator):
@@ -106,8 +131,9 @@ class AcceleratorDist(Distributed):
             zero.refresh_fp32_params()
 
 
-def count_grad_sync_bytes(model) -> dict | None:
-    """Count the bytes DDP all-reduces (its buckets hold exactly the trainable gradients)."""
+def count_grad_sync_bytes(model, dist: Distributed | None = None) -> dict | None:
+    """Count the bytes DDP all-reduces (its buckets hold exactly the trainable gradients), plus those the
+    method all-reduces itself through `dist.all_reduce_sum` (LoSiA's scoring layer's m x n gradient)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
@@ -120,4 +146,12 @@ def count_grad_sync_bytes(model) -> dict | None:
         return allreduce_hook(process_group, bucket)
 
     model.register_comm_hook(None, counting_allreduce)
+    if dist is not None:
+        all_reduce_sum = dist.all_reduce_sum
+
+        def counting_all_reduce_sum(tensor: torch.Tensor) -> None:
+            counter["bytes"] += tensor.numel() * tensor.element_size()
+            all_reduce_sum(tensor)
+
+        dist.all_reduce_sum = counting_all_reduce_sum
     return counter

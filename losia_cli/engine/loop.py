@@ -141,7 +141,8 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     model, driver = _optimizing(cfg, accelerator, model, method)
     run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, collate=collate,
               total_steps=total_steps, records=records, schedule=schedule, method=method, model=model,
-              unwrapped=accelerator.unwrap_model(model), driver=driver, grad_sync=count_grad_sync_bytes(model))
+              unwrapped=accelerator.unwrap_model(model), driver=driver,
+              grad_sync=count_grad_sync_bytes(model, ctx.dist))
     if resume_from:
         state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
         run.start_step = state["step"]

@@ -20,6 +20,9 @@ class PeftMethodConfig(BaseModel):
     dropout: float = 0.0
     target_modules: list[str] | str = LLAMA_PROJECTIONS  # as peft: names, a regex, or "all-linear"
     pissa_niter: int | None = 16  # fast SVD iterations for PiSSA init; None = exact SVD
+    # fp32: peft's default, adapters upcast to fp32 under a bf16/fp16 base (more activation memory and
+    # traffic); base: adapters in the base weights' dtype (`lora_bf16` in bench, the fair baseline).
+    adapter_dtype: Literal["fp32", "base"] = "fp32"
 
 
 class PeftMethod(Method):
@@ -57,7 +60,9 @@ class PeftMethod(Method):
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         from peft import get_peft_model
 
-        model = get_peft_model(model, self.peft_config())
+        model = get_peft_model(
+            model, self.peft_config(), autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32"
+        )
         if self.cfg.name == "pissa":
             # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
             # original base, keep the initial adapter; peft converts the trained one against it.

@@ -1,0 +1,68 @@
+"""The meta-device cost model: measured FLOPs equal the closed formulas, and the bytes add up."""
+
+from __future__ import annotations
+
+import pytest
+
+from losia_cli.costmodel import cost_table, main, markdown_table
+
+# Small, but with every part of a real shape (GQA, untied head, a vocabulary that matters).
+SHAPE = dict(family="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+B, T = 4, 64
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, dict]:
+    methods = ["floor", "full", "lora", "lora_bf16", "losia", "losia_pro"]
+    return {row["method"]: row for row in cost_table(SHAPE, methods, batch=B, seq=T, dtype="bf16", lora_rank=4)}
+
+
+def test_measured_flops_equal_the_formulas(rows):
+    for name, row in rows.items():
+        assert row["flops"] == row["flops_analytic"], name
+
+
+def test_pro_over_floor_matches_the_formula_within_one_percent(rows):
+    """Fails if Pro's backward formed any full weight gradient beyond the scoring layer's (e.g. the
+    block gradient sliced out of a dense G^T X): that is `losia`'s cost, far above the formula here."""
+    pro, floor = rows["losia_pro"], rows["floor"]
+    expected = pro["flops_analytic"] / floor["flops_analytic"]
+    assert pro["flops"] / floor["flops"] == pytest.approx(expected, rel=0.01)
+    assert rows["losia"]["flops"] / floor["flops"] > 1.01 * expected  # the mutation would land here
+
+
+def test_bytes(rows):
+    floor, full, pro = rows["floor"], rows["full"], rows["losia_pro"]
+    assert floor["grad_bytes"] == floor["optimizer_state_bytes"] == floor["scorer_bytes"] == 0
+    assert full["grad_bytes"] == full["param_bytes"]  # bf16 gradients for every bf16 weight
+    assert full["optimizer_state_bytes"] == 2 * full["param_bytes"]  # two moments in the param dtype
+    # Pro: fp32 block gradients, two fp32 moments each; the scoring layer (layer 0) holds three fp32
+    # m x n buffers per targeted matrix.
+    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    layer0 = 2 * h * h + 2 * h * kv + 3 * h * i
+    assert pro["scorer_bytes"] == 3 * 4 * layer0
+    assert pro["optimizer_state_bytes"] == 2 * pro["grad_bytes"]
+    assert pro["grad_bytes"] == 4 * pro["trainable_params"]
+    # peft's fp32 adapters under a bf16 base keep fp32 activations; lora_bf16 does not.
+    assert rows["lora_bf16"]["activation_bytes"] < rows["lora"]["activation_bytes"]
+    assert floor["activation_bytes"] < full["activation_bytes"]
+    for row in rows.values():
+        parts = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes", "scorer_bytes")
+        assert row["accounted_bytes"] == sum(row[k] for k in parts)
+
+
+def test_table_and_cli(rows, tmp_path, capsys):
+    table = markdown_table(list(rows.values()))
+    assert table.count("\n") == len(rows) + 1 and "| losia_pro |" in table
+    out = tmp_path / "meta.json"
+    assert main(["--model", "llama_h512_l4", "--methods", "floor,losia_pro", "--batch", "2", "--seq", "32",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".md").read_text().count("| losia_pro |") == 1
+    with pytest.raises(SystemExit) as bad:
+        main(["--model", "nope"])
+    assert bad.value.code == 2 and "unknown shape 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "llama_h512_l4", "--methods", "floor,nope"])
+
