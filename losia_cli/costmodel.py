@@ -33,7 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface
 
 from losia_cli import atomic
-from losia_cli.bench import BETAS, EPS, LR, SHAPES, BenchError, build_model, make_method
+from losia_cli.bench.runner import BETAS, EPS, LR, make_method
+from losia_cli.bench.shapes import SHAPES, build_model
+from losia_cli.errors import BenchError
 from losia_cli.engine.records import versions
 from losia_cli.methods.base import TrainContext, WarmupCosine
 
