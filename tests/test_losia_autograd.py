@@ -235,3 +235,33 @@ def test_activation_checkpointing(reentrant):
     for t in method.targets:  # recomputation must not count a scoring sample twice
         if t.module.scorer:
             torch.testing.assert_close(t.module.scorer.grad_acc, plain_score[t.name], atol=1e-6, rtol=1e-5)
+
+
+def test_dense_mode_keeps_no_copy_of_the_weight():
+    """Non-Pro keeps X and W itself for backward, never a second (out, in) tensor (W_eff)."""
+    linear = layer0_linears("llama")["gate_proj"]  # 64 x 32
+    _, wrapped = dense_and_subnet(linear, pro=False)
+    weight_shaped = []
+
+    def pack(tensor):
+        if tensor.numel() == wrapped.weight.numel():  # also W^T views
+            weight_shaped.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        wrapped(torch.randn(2, 6, 32, requires_grad=True))
+    assert set(weight_shaped) <= {wrapped.weight.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_write_through_follows_loaded_blocks(transposed):
+    """The cached flat indices of W[R, C] are rebuilt when R and C are loaded in place (resume)."""
+    base = Conv1D(24, 16) if transposed else nn.Linear(16, 24)
+    wrapped = SubnetLinear(base, *random_block(24, 16, seed=0), pro=True)
+    wrapped.write_through()  # caches the indices of the first block
+    other = SubnetLinear(copy.deepcopy(base), *random_block(24, 16, seed=1), pro=True)
+    wrapped.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        wrapped.sub.add_(1.0)
+    wrapped.write_through()
+    assert torch.equal(wrapped.weight_oi[wrapped.rows][:, wrapped.cols], wrapped.sub)

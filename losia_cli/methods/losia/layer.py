@@ -14,8 +14,8 @@ through `full_weights()`, which gathers the shards and writes them back.
 
 Modes (`mode`):
   compact  (Pro)      the compact autograd function, keeps X[..., C], computes only the block gradient;
-  dense    (non-Pro)  plain autograd through W_eff = W with `sub` scattered into [R, C]: the dense weight
-                      gradient is formed and autograd slices it; the obviously-correct reference;
+  dense    (non-Pro)  the same function, but backward forms the dense weight gradient and slices it
+                      (keeps the full X, as a plain linear does);
   scoring             the layer's scoring slot: the full weight gradient also goes into the scorer.
 """
 
@@ -63,6 +63,7 @@ class SubnetLinear(nn.Module):
         self.pro = pro
         self.delta = delta
         self.scorer: Scorer | None = None
+        self._flat_key: tuple | None = None  # see _flat_index
 
     # --- shapes --------------------------------------------------------------------------------------
     @property
@@ -102,23 +103,12 @@ class SubnetLinear(nn.Module):
             # W itself still holds that at on_step (start_scoring points the scorer at it); in the
             # delta form W lacks the trained block, so the scorer keeps this copy.
             self.scorer.weight = self._effective(weight.detach())
-        if self.pro:
-            grad_acc = None if self.scorer is None else self.scorer.grad_acc
-            return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc, self.delta)
-        # Dense reference: numerically W_eff == W (write-through), but autograd now routes the [R, C]
-        # slice of the dense gradient to `sub` and nothing to the frozen W.
-        w_eff = self._effective(weight)
-        if self.scorer is not None:
-            grad_acc = self.scorer.grad_acc
-
-            def add_to_score(grad: torch.Tensor) -> None:
-                grad_acc.add_(grad)
-
-            w_eff.register_hook(add_to_score)
-        return F.linear(x, w_eff, self.bias)
+        grad_acc = None if self.scorer is None else self.scorer.grad_acc
+        return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc, self.delta,
+                             dense=not self.pro)
 
     def _effective(self, weight: torch.Tensor) -> torch.Tensor:
-        """W with `sub` at [R, C] (a new tensor; autograd reaches `sub` through it)."""
+        """W with `sub` at [R, C] (a new tensor; the delta form's evaluation and scoring weight)."""
         return weight.index_put((self.rows[:, None], self.cols), self.sub.to(weight.dtype))
 
     # --- between steps -------------------------------------------------------------------------------
@@ -139,9 +129,24 @@ class SubnetLinear(nn.Module):
 
     @torch.no_grad()
     def write_through(self) -> None:
-        """W[R, C] <- sub, in W's dtype."""
-        with self.full_weights() as (weight, sub):
-            weight.index_put_((self.rows[:, None], self.cols), sub.to(weight.dtype))
+        """W[R, C] <- sub, in W's dtype: one p^2-sized copy through the cached flat indices."""
+        if isinstance(self.weight, DTensor):
+            with self.full_weights() as (weight, sub):
+                weight.index_put_((self.rows[:, None], self.cols), sub.to(weight.dtype))
+            return
+        self.weight.view(-1).index_copy_(0, self._flat_index(), self.sub.reshape(-1).to(self.weight.dtype))
+
+    def _flat_index(self) -> torch.Tensor:
+        """Offsets of W[R, C] in W's storage (row-major (|R|, |C|), like `sub`), rebuilt when R or C
+        change (a block move or a loaded state: their version counters) or move (`.to()`)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.rows, self.cols))
+        if key != self._flat_key:
+            rows, cols = self.rows[:, None], self.cols[None, :]
+            # Conv1D stores W as (in, out): W_oi[r, c] sits at c * out + r.
+            self._flat = cols * self.out_features + rows if self.transposed else rows * self.in_features + cols
+            self._flat = self._flat.reshape(-1)
+            self._flat_key = key
+        return self._flat
 
     @torch.no_grad()
     def move_block(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
