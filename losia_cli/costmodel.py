@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface
 
 from losia_cli import atomic
-from losia_cli.bench.runner import BETAS, EPS, LR, make_method
+from losia_cli.bench.runner import BETAS, EPS, LONG_RUN, LR, make_method
 from losia_cli.bench.shapes import SHAPES, build_model
 from losia_cli.errors import BenchError
 from losia_cli.engine.records import versions
@@ -99,7 +99,7 @@ def _storage(t: torch.Tensor) -> int:
 def measure(model: str | dict, name: str, batch: int, seq: int, dtype: str, lora_rank: int = 8) -> dict:
     """One method's FLOPs and bytes for one optimizer step (grad_accum 1) at B x T, on meta."""
     method = _method(name, lora_rank)
-    ctx = TrainContext(schedule=WarmupCosine(total_steps=10), total_steps=10)
+    ctx = TrainContext(schedule=WarmupCosine(total_steps=10), total_steps=LONG_RUN)
     AttentionInterface.register("meta_fused", _fused_attention)
     base = build_model(model, "meta", dtype, seed=0)
     base.set_attn_implementation("meta_fused")

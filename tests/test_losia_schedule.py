@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from losia_cli.methods.base import WarmupCosine
+from losia_cli.methods.base import Records, WarmupCosine
 from losia_cli.methods.losia.schedule import Rewarm, SlotSchedule, layer_index
 from test_losia_support import one_thread  # noqa: F401  (autouse fixture)
-from test_losia_support import build, make_optimizer, tiny_llama
+from test_losia_support import ListRecords, build, make_optimizer, tiny_llama
 
 T, LAYERS, STEPS = 4, 3, 40
 
@@ -61,6 +61,19 @@ def test_lm_head_is_slot_zero():
     assert relocalization_steps(records, -1) == [T, 5 * T, 9 * T]
     head = method.targets[-1].module
     assert head.sub.shape == (16, 32) and head.cols.tolist() == list(range(32))
+
+
+@pytest.mark.parametrize("schedule", ["async", "sync"])
+def test_a_slot_that_cannot_finish_does_not_score(schedule):
+    """With 14 updates and T = 4 the slot of updates 12-15 (layer 0; all layers when sync) would
+    re-localize after the run: no scoring buffers, no scoring GEMM for it."""
+    _, records, scoring = drive(steps=14, total_steps=14, schedule=schedule)
+    assert scoring[12:] == [[], []]
+    assert scoring[:12] == drive(steps=12, schedule=schedule)[2]
+
+
+def test_records_are_built_only_for_a_listener():
+    assert not Records().listening and ListRecords([]).listening
 
 
 def test_every_initial_block_is_logged():

@@ -23,6 +23,7 @@ LoSiA's R, C and `sub`) plus `method.state_dict()` (counters, rewarm phase, scor
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +32,21 @@ from torch import nn
 
 # The linear layers of a Llama-family block: the default targets of every method.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def synchronized_clock(device: torch.device | None) -> float:
+    """time.perf_counter() once the device's queued work is done (a sync on CUDA only, where kernels
+    run asynchronously; CPU work is finished when the call returns)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel for all tensors) when every parameter is on CUDA, else the
+    foreach form (one op per state tensor kind, not per parameter)."""
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
 @dataclass
@@ -82,6 +98,11 @@ class Records:
 
     def write(self, stream: str, record: dict) -> None:
         pass
+
+    @property
+    def listening(self) -> bool:
+        """Whether writes go anywhere (a subclass overrides `write`): records nobody reads are not built."""
+        return type(self).write is not Records.write
 
 
 @dataclass
@@ -136,7 +157,7 @@ class Method:
 
     def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
         """The optimizer over `groups`: AdamW, unless a method brings its own (GaLore's projected Adam)."""
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        return adamw(groups, lr, betas, eps)
 
     @classmethod
     def sized_config(cls, name: str, rank: int, **options):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import Method, TrainContext
+from losia_cli.methods.base import Method, TrainContext, synchronized_clock
 
 from .config import LosiaConfig
 from .layer import SubnetLinear, is_conv1d
@@ -89,6 +88,10 @@ class LosiaMethod(Method):
         self.rank_disagreements = 0  # blocks a rank chose differently from rank 0 (must stay 0)
         self.delta = False
         self.tied_hook = None  # the embedding hook of a subnet-trained tied head
+        self.has_extras = False  # whether a dense-extras param group follows the slot groups
+        self.scoring: list[Target] = []  # the targets in scoring mode now
+        self.scoring_slots: set[int] | None = None  # their slots (None: not set up yet)
+        self.device: torch.device | None = None
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -98,6 +101,7 @@ class LosiaMethod(Method):
         cfg = self.cfg
         # FSDP shards W: write it only when a block moves (the delta form), not every step.
         self.delta = ctx.sharded_weights
+        self.device = next(model.parameters()).device
         model.requires_grad_(False)
 
         head = output_head(model)
@@ -140,8 +144,10 @@ class LosiaMethod(Method):
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if head_target and embedding is not None and embedding.weight is head_target.module.weight:
             self.tied_hook = route_tied_embedding(embedding, head_target.module)
-        for param in self._dense_extras(model):
+        extras = self._dense_extras(model)
+        for param in extras:
             param.requires_grad_(True)
+        self.has_extras = bool(extras)
         self.slot_schedule = SlotSchedule(len(self.slots), cfg.period, sync=cfg.schedule == "sync")
         self.rewarm = Rewarm(ctx.schedule, cfg.rewarm_length, cfg.compat_reference_schedule)
         self.restarts = [None] * len(self.slots)
@@ -212,7 +218,7 @@ class LosiaMethod(Method):
 
     def make_optimizer(self, groups: list[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
         """Plain AdamW; with `compat_eps` the subnet groups take the reference's eps (see below)."""
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        optimizer = super().make_optimizer(groups, lr, betas, eps)
         if self.cfg.compat_eps:
             optimizer.register_step_pre_hook(self._reference_eps)
         return optimizer
@@ -228,7 +234,7 @@ class LosiaMethod(Method):
     # --- per step -----------------------------------------------------------------------------
     def lr_factors(self, step: int, num_groups: int) -> list[float]:
         factors = [self.rewarm.factor(step, restart) for restart in self.restarts]
-        if self.extras:
+        if self.has_extras:
             factors.append(self.ctx.schedule.factor(step))
         if num_groups != len(factors):
             raise ValueError(f"the optimizer has {num_groups} param groups, LoSiA made {len(factors)}")
@@ -241,19 +247,18 @@ class LosiaMethod(Method):
                 f"LoSiA on_step(step={step}) but expected step={self.next_step}: call it once after every "
                 "optimizer.step(), with the number of updates taken before that one"
             )
-        for t in self.targets:
+        for t in self.scoring:
             scorer = t.module.scorer
-            if scorer is not None:
-                # The score must see the global gradient (the DDP mean), before W moves.
-                self.ctx.dist.all_reduce_sum(scorer.grad_acc)
-                if self.ctx.dist.world_size > 1:
-                    scorer.grad_acc.div_(self.ctx.dist.world_size)
-                scorer.update()
+            # The score must see the global gradient (the DDP mean), before W moves.
+            self.ctx.dist.all_reduce_sum(scorer.grad_acc)
+            if self.ctx.dist.world_size > 1:
+                scorer.grad_acc.div_(self.ctx.dist.world_size)
+            scorer.update()
         if not self.delta:
             for t in self.targets:
                 t.module.write_through()
-        started = time.perf_counter()
         slots = self.slot_schedule.relocalizing_slots(step)
+        started = synchronized_clock(self.device) if slots else 0.0
         for slot in slots:
             for t in self.slots[slot]:
                 self._relocalize(t, step)
@@ -263,7 +268,7 @@ class LosiaMethod(Method):
             self.restarts[slot] = step + 1
         if slots:
             self.ctx.dist.params_changed()
-        self.relocalization_time_s += time.perf_counter() - started
+            self.relocalization_time_s += synchronized_clock(self.device) - started
         self.next_step = step + 1
         self._set_scoring(self.next_step)
 
@@ -299,18 +304,28 @@ class LosiaMethod(Method):
         self._log(target, step=step + 1, score_mass=share, overlap=overlap, source="score")
 
     def _set_scoring(self, step: int) -> None:
-        """Put exactly the slots that score during update `step` into scoring mode."""
-        scoring = set(self.slot_schedule.scoring_slots(step))
+        """Put exactly the slots that score during update `step` into scoring mode. A slot whose
+        period ends after the run's last update would never re-localize: it does not score."""
+        period = self.slot_schedule.period
+        finishes = (step // period + 1) * period <= self.ctx.total_steps
+        scoring = set(self.slot_schedule.scoring_slots(step)) if finishes else set()
+        if scoring == self.scoring_slots:
+            return
         cfg = self.cfg
         for t in self.targets:
             if t.slot not in scoring:
                 t.module.stop_scoring()
             elif t.module.scorer is None:
                 t.module.start_scoring(cfg.importance, cfg.beta1, cfg.beta2)
+        self.scoring = [t for t in self.targets if t.module.scorer is not None]
+        self.scoring_slots = scoring
 
     def _log(self, target: Target, *, step: int, score_mass: float, overlap: float, source: str) -> None:
         """One subnets.jsonl record. `step` is the update count from which the block trains; `score_mass`
-        is the share of the score the block holds (0 for an initial block)."""
+        is the share of the score the block holds (0 for an initial block). Built only when someone
+        listens: reading the indices back is a host sync."""
+        if not self.ctx.records.listening:
+            return
         module = target.module
         self.ctx.records.write(
             "subnets",
@@ -346,6 +361,7 @@ class LosiaMethod(Method):
         self.restarts = list(state["restarts"])
         for t in self.targets:  # scoring restarts from zero EMAs, then takes the saved ones
             t.module.stop_scoring()
+        self.scoring, self.scoring_slots = [], None
         self._set_scoring(self.next_step)
         active = {t.name: t.module.scorer for t in self.targets if t.module.scorer is not None}
         if set(active) != set(state["scorers"]):
