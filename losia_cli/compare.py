@@ -14,10 +14,11 @@ from losia_cli import atomic
 
 def _general_text_loss_of_base(cfg) -> float:
     from losia_cli.eval.forgetting import general_text_loss
-    from losia_cli.models import load_model, load_tokenizer, resolve_model_path
+    from losia_cli.models import best_device, load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model)
-    return general_text_loss(load_model(cfg.model, path), load_tokenizer(path))["loss"]
+    model = load_model(cfg.model, path).to(best_device())
+    return general_text_loss(model, load_tokenizer(path))["loss"]
 
 
 def compare(methods: list[str], overrides: list[str], console: Console, recipes: Path | None = None) -> Path:

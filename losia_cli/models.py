@@ -131,6 +131,11 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tok
 
 
+def best_device() -> torch.device:
+    """Where a model is evaluated or benchmarked by default: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(cfg: ModelConfig, path: str):
     """The model at `path` (from resolve_model_path) in the configured dtype."""
     from transformers import AutoModelForCausalLM

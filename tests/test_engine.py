@@ -177,3 +177,46 @@ def test_compare_trains_evaluates_and_tabulates(tiny_llama_dir, tmp_path, capsys
     assert all("acc" in row["tasks"]["boolq"] for row in result["methods"])
     assert all(math.isfinite(row["forgetting_delta"]) for row in result["methods"])
     assert "comparison ->" in capsys.readouterr().out
+
+
+def test_host_syncs_only_every_few_steps_and_a_stop_still_checkpoints(tiny_config, tmp_path, monkeypatch):
+    """Nothing logged or saved: the loop reads the device back every SYNC_EVERY steps and on the last,
+    not every step. A signal during step 2 still checkpoints, at the next sync step (4)."""
+    import os
+    import signal
+
+    from losia_cli.engine import loop
+    from losia_cli.engine.preemption import Preempted
+
+    monkeypatch.setattr(loop, "SYNC_EVERY", 4)
+    real_sync, synced = loop._sync, []
+    monkeypatch.setattr(loop, "_sync", lambda run, pending, *a: synced.append(len(pending)) or real_sync(run, pending, *a))
+    common = ("method=losia_pro", "train.max_steps=10", "train.log_every=100")
+    run_dir = train(tiny_config("quiet", *common))
+    assert synced == [4, 4, 2]
+    assert len(json.loads((run_dir / "report.json").read_text())["step_time_s"]) == 2  # p50, p95 over all 10
+
+    real_loss, calls = step_driver.token_loss_sum, {"n": 0}
+
+    def signal_in_second_step(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(step_driver, "token_loss_sum", signal_in_second_step)
+    with pytest.raises(Preempted, match="preempted at step 4"):
+        train(tiny_config("stopped", *common))
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["step-4"]
+
+
+def test_peak_memory_is_per_run():
+    """`losia compare` trains runs one after another in one process: each reports its own peak."""
+    from losia_cli.engine.loop import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    before = peak_memory(cpu)
+    reset_peak_memory(cpu)
+    assert peak_memory(cpu) < before - 128 * 2**20

@@ -63,6 +63,7 @@ class Run:
     # Per-step history, kept in checkpoints so the report covers the whole of a resumed run.
     history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": []})
     wall0: float = 0.0  # when the step loop started
+    last_targets: int = 0  # target tokens of the last step read back (metrics)
 
     @property
     def main(self) -> bool:
@@ -193,16 +194,28 @@ def _micro_batch(data, collate, k: int, size: int, world: int, rank: int, seed: 
     return collate([data[i] for i in order[start : start + size].tolist()])
 
 
+# Steps between host syncs when none is logged or saved: how long a stop signal may wait for its
+# checkpoint, and how long the device may run ahead of the host.
+SYNC_EVERY = 8
+
+
 def run_steps(run: Run) -> None:
-    """The step loop. SIGUSR1 / SIGTERM (Slurm preemption, time limit): checkpoint at the next step
-    boundary and raise Preempted (exit 75)."""
+    """The step loop. SIGUSR1 / SIGTERM (Slurm preemption, time limit): checkpoint at a step boundary
+    at most SYNC_EVERY steps later and raise Preempted (exit 75).
+
+    The host reads the device (losses, token counts, the stop flag, the clock) only on sync steps:
+    logged, saved, the last, and every SYNC_EVERY-th. The steps in between queue their work without
+    waiting; each gets its window's mean step time.
+    """
     cfg, tc, device = run.cfg, run.cfg.train, run.device
     progress = TrainProgress(run.console, run.total_steps, run.start_step, enabled=run.main)
     run.wall0 = time.perf_counter()
+    reset_peak_memory(device)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, [targets, inputs]) since the last sync
+    window0 = time.perf_counter()
     with StopRequest().listening() as stop:
         run.model.train()
         for step in range(run.start_step, run.total_steps):
-            t0 = time.perf_counter()
             micro = [
                 _micro_batch(run.data, run.collate, step * tc.grad_accum + i, tc.micro_batch_size, run.world,
                              run.accelerator.process_index, cfg.seed)
@@ -210,48 +223,68 @@ def run_steps(run: Run) -> None:
             ]
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             counts = torch.tensor([local_tokens, sum(b["input_ids"].numel() for b in micro)], device=device)
-            step_targets, step_inputs = (int(x) for x in run.accelerator.reduce(counts, reduction="sum"))
+            counts = run.accelerator.reduce(counts, reduction="sum")
             # accelerate (or DeepSpeed) divides by grad_accum and DDP averages over ranks; undo both so
-            # the gradient is the mean over the step's target tokens.
-            scale = tc.grad_accum * run.world / max(step_targets, 1)
+            # the gradient is the mean over the step's target tokens. On the device: no host sync.
+            scale = tc.grad_accum * run.world / counts[0].clamp(min=1)
             batches = ({k: v.to(device) for k, v in b.items()} for b in micro)
             loss_sum, grad_norm = run.driver.step(step, batches, scale)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_time = time.perf_counter() - t0
-            # One all-reduce for the step's loss and for whether any rank was asked to stop (a signal
-            # may reach the ranks at different steps; they must all checkpoint at the same one).
-            stop_flag = torch.tensor(float(bool(stop)), device=device)
-            loss_total, stops = run.accelerator.reduce(torch.stack([loss_sum, stop_flag]), reduction="sum")
-            step_loss = float(loss_total) / max(step_targets, 1)
-            for key, value in (("step_time_s", step_time), ("tokens", step_inputs), ("loss", step_loss)):
-                run.history[key].append(value)
+            pending.append((loss_sum, counts))
             done = step + 1
-            if run.main and (done % tc.log_every == 0 or done == run.total_steps):
-                metrics = {
-                    "step": done,
-                    "loss": step_loss,
-                    # The run's schedule; LoSiA's per-slot rewarm multipliers are in lr_groups.
-                    "lr": tc.lr * run.schedule.factor(step),
-                    "lr_groups": [g["lr"] for g in run.optimizer.param_groups],
-                    "grad_norm": grad_norm,
-                    "tokens": step_inputs,
-                    "target_tokens": step_targets,
-                    "step_time_s": step_time,
-                    "tokens_per_s": step_inputs / step_time,
-                    "peak_mem_bytes": _peak_memory(device),
-                    "epoch": (done * tc.grad_accum - 1) // run.micro_per_epoch,
-                }
+            logged = done % tc.log_every == 0 or done == run.total_steps
+            saved = bool(tc.save_every) and done % tc.save_every == 0 and done < run.total_steps
+            if not (logged or saved or done % SYNC_EVERY == 0):
+                continue
+            stops = _sync(run, pending, stop, time.perf_counter() - window0)
+            pending, window0 = [], time.perf_counter()
+            if run.main and logged:
+                metrics = _metrics(run, step, grad_norm)
                 run.records.metric(metrics)
                 progress.update(done, metrics)
-            preempted = done < run.total_steps and bool(stops)
-            if preempted or (tc.save_every and done % tc.save_every == 0 and done < run.total_steps):
+            preempted = done < run.total_steps and stops
+            if preempted or saved:
                 checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
                                 {"history": run.history}, tc.keep_last_n)
             if preempted:
                 progress.close()
                 raise Preempted(done)
     progress.close()
+
+
+def _sync(run: Run, pending: list[tuple[torch.Tensor, torch.Tensor]], stop, elapsed: float) -> bool:
+    """Read the window's steps into run.history (one all-reduce for their losses and whether any rank
+    was asked to stop: a signal may reach the ranks at different steps, and they must all checkpoint
+    at the same one); whether to stop."""
+    stop_flag = torch.tensor(float(bool(stop)), device=run.device)
+    losses = torch.stack([*(loss for loss, _ in pending), stop_flag])
+    *losses, stops = run.accelerator.reduce(losses, reduction="sum").tolist()
+    counts = torch.stack([c for _, c in pending]).tolist()
+    for loss, (targets, inputs) in zip(losses, counts):
+        run.history["step_time_s"].append(elapsed / len(pending))
+        run.history["tokens"].append(int(inputs))
+        run.history["loss"].append(loss / max(int(targets), 1))
+    run.last_targets = int(counts[-1][0])
+    return bool(stops)
+
+
+def _metrics(run: Run, step: int, grad_norm: torch.Tensor | None) -> dict:
+    """The metrics.jsonl record of update `step` (its history entries are read already)."""
+    tc, done = run.cfg.train, step + 1
+    step_time, tokens = run.history["step_time_s"][-1], run.history["tokens"][-1]
+    return {
+        "step": done,
+        "loss": run.history["loss"][-1],
+        # The run's schedule; LoSiA's per-slot rewarm multipliers are in lr_groups.
+        "lr": tc.lr * run.schedule.factor(step),
+        "lr_groups": [g["lr"] for g in run.optimizer.param_groups],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens": tokens,
+        "target_tokens": run.last_targets,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens / step_time,
+        "peak_mem_bytes": peak_memory(run.device),
+        "epoch": (done * tc.grad_accum - 1) // run.micro_per_epoch,
+    }
 
 
 def finish(run: Run) -> Path:
@@ -293,7 +326,7 @@ def _report(run: Run, in_sync: bool) -> dict:
         "step_time_s": {"p50": timings["p50"], "p95": timings["p95"]},
         "tokens_per_s": timings["tokens_per_s"],
         "mfu": _model_flops_utilisation(device, summary["total_params"], timings["tokens_per_s"], run.world),
-        "peak_mem_bytes": _peak_memory(device),
+        "peak_mem_bytes": peak_memory(device),
         **run.method.report_extras(),
         "num_processes": run.world,
         "ranks_in_sync": in_sync,
@@ -307,10 +340,27 @@ def _report(run: Run, in_sync: bool) -> dict:
     }
 
 
-def _peak_memory(device: torch.device) -> int:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measure (`losia compare` trains several runs in one process). On CPU
+    the kernel's peak RSS (VmHWM) is reset through /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: peak_memory falls back to the process's high-water mark
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since reset_peak_memory: CUDA allocated, or the CPU process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024  # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name; MFU is reported for these only.

@@ -12,7 +12,6 @@ micro-batch, and the step runs on accelerate's wrapper of the optimizer; without
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from losia_cli.methods.base import Method
+from losia_cli.methods.base import DeviceTimer, Method
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,16 @@ class StepDriver:
     stepper: Any = None  # what .step() runs: accelerate's wrapper of `optimizer` (None: `optimizer`)
     max_grad_norm: float | None = None  # None: no clipping
     autocast: Any = field(default_factory=contextlib.nullcontext)
-    method_time_s: float = 0.0  # in method.on_step, summed over the steps taken
+    method_timer: DeviceTimer | None = None  # times method.on_step; default: on the model's device
+
+    def __post_init__(self):
+        if self.method_timer is None:
+            self.method_timer = DeviceTimer(next(self.model.parameters()).device)
+
+    @property
+    def method_time_s(self) -> float:
+        """Seconds in method.on_step, summed over the steps taken."""
+        return self.method_timer.seconds
 
     def set_lrs(self, step: int) -> None:
         if self.optimizer is None:
@@ -60,9 +68,9 @@ class StepDriver:
         for group, factor in zip(self.optimizer.param_groups, factors):
             group["lr"] = group["base_lr"] * factor
 
-    def forward_backward(self, batches: Iterable[dict], scale: float) -> torch.Tensor:
+    def forward_backward(self, batches: Iterable[dict], scale) -> torch.Tensor:
         """The summed token loss of `batches` (detached); each micro-batch's gradient is that of its
-        summed loss times `scale`."""
+        summed loss times `scale` (a number, or a 0-d tensor on the device)."""
         loss_sum = 0
         for batch in batches:
             inputs = dict(batch)
@@ -76,20 +84,20 @@ class StepDriver:
             loss_sum += loss.detach()
         return loss_sum
 
-    def update(self, step: int) -> float | None:
-        """Clip, step, zero the gradients, then `method.on_step`; the gradient norm before clipping."""
+    def update(self, step: int) -> torch.Tensor | None:
+        """Clip, step, zero the gradients, then `method.on_step`; the gradient norm before clipping
+        (a tensor on the device: reading it is a host sync, left to whoever logs it)."""
         grad_norm = None
         if self.optimizer is not None:
             if self.max_grad_norm is not None:
                 grad_norm = self._clip()
             (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
             (self.stepper or self.optimizer).zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        self.method.on_step(step, self.optimizer)
-        self.method_time_s += time.perf_counter() - started
+        with self.method_timer.section():
+            self.method.on_step(step, self.optimizer)
         return grad_norm
 
-    def step(self, step: int, batches: Iterable[dict], scale: float) -> tuple[torch.Tensor, float | None]:
+    def step(self, step: int, batches: Iterable[dict], scale) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One whole optimizer step: (summed token loss, gradient norm before clipping)."""
         self.set_lrs(step)
         loss_sum = self.forward_backward(batches, scale)
@@ -99,12 +107,12 @@ class StepDriver:
         # accumulate(): no gradient sync (DDP) / no DeepSpeed step until the last micro-batch.
         return self.accelerator.accumulate(self.model) if self.accelerator else contextlib.nullcontext()
 
-    def _clip(self) -> float | None:
+    def _clip(self) -> torch.Tensor | None:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.accelerator is None:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            return torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         # Under DeepSpeed only read: it clipped inside its own step.
         norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         if isinstance(norm, DTensor):  # FSDP's norm of sharded gradients
             norm = norm.full_tensor()
-        return None if norm is None else float(norm)
+        return None if norm is None else torch.as_tensor(norm)

@@ -41,16 +41,18 @@ def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
 def load_target(target: str):
     """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
     from losia_cli.engine.rundir import timestamp
-    from losia_cli.models import ModelConfig, load_model, load_run_model, load_tokenizer, resolve_model_path
+    from losia_cli.models import (
+        ModelConfig, best_device, load_model, load_run_model, load_tokenizer, resolve_model_path,
+    )
 
     path = Path(target)
     if (path / "config.yaml").is_file() and (path / "final").exists():
         model, tokenizer, _ = load_run_model(path)  # folds PEFT adapters; LoSiA/full load as is
-        return model, tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
+        return model.to(best_device()), tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
     cfg = ModelConfig(name_or_path=target)
     resolved = resolve_model_path(cfg)
     tokenizer = load_tokenizer(resolved)
-    model = load_model(cfg, resolved)
+    model = load_model(cfg, resolved).to(best_device())
     slug = target.rstrip("/").replace("/", "_").replace(":", "_")
     return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{timestamp()}" / "eval"
 

@@ -22,6 +22,7 @@ LoSiA's R, C and `sub`) plus `method.state_dict()` (counters, rewarm phase, scor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,12 +35,42 @@ from torch import nn
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def synchronized_clock(device: torch.device | None) -> float:
-    """time.perf_counter() once the device's queued work is done (a sync on CUDA only, where kernels
-    run asynchronously; CPU work is finished when the call returns)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class DeviceTimer:
+    """Summed seconds of timed sections, on the device's clock. On CUDA, where kernels run after the
+    host has moved on, a section is a pair of CUDA events, read once its end has completed: what the
+    section cost the GPU (its kernels and any idle wait for the host), with no host sync per section.
+    Elsewhere the work is done when the call returns: perf_counter."""
+
+    def __init__(self, device: torch.device | None):
+        self.cuda = device is not None and device.type == "cuda"
+        self._seconds = 0.0
+        self._pending: list[tuple[Any, Any]] = []  # CUDA (start, end) events not read yet
+
+    @contextlib.contextmanager
+    def section(self):
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+        self._read(wait=False)
+
+    def _read(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].query()):
+            start, end = self._pending.pop(0)
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000  # milliseconds
+
+    @property
+    def seconds(self) -> float:
+        """The total so far (waits for the sections still running on the device)."""
+        self._read(wait=True)
+        return self._seconds
 
 
 def adamw(groups: list[dict], lr: float, betas, eps: float) -> torch.optim.AdamW:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import Method, TrainContext, synchronized_clock
+from losia_cli.methods.base import DeviceTimer, Method, TrainContext
 
 from .config import LosiaConfig
 from .layer import SubnetLinear, is_conv1d
@@ -84,14 +84,13 @@ class LosiaMethod(Method):
         self.next_step = 0  # the `step` the next on_step must carry
         self.slot_schedule: SlotSchedule | None = None
         self.rewarm: Rewarm | None = None
-        self.relocalization_time_s = 0.0  # scoring -> new block, summed over the run (report.json)
+        self.relocalization_timer = DeviceTimer(None)  # scoring -> new block (report.json); set in prepare
         self.rank_disagreements = 0  # blocks a rank chose differently from rank 0 (must stay 0)
         self.delta = False
         self.tied_hook = None  # the embedding hook of a subnet-trained tied head
         self.has_extras = False  # whether a dense-extras param group follows the slot groups
         self.scoring: list[Target] = []  # the targets in scoring mode now
         self.scoring_slots: set[int] | None = None  # their slots (None: not set up yet)
-        self.device: torch.device | None = None
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -101,7 +100,7 @@ class LosiaMethod(Method):
         cfg = self.cfg
         # FSDP shards W: write it only when a block moves (the delta form), not every step.
         self.delta = ctx.sharded_weights
-        self.device = next(model.parameters()).device
+        self.relocalization_timer = DeviceTimer(next(model.parameters()).device)
         model.requires_grad_(False)
 
         head = output_head(model)
@@ -258,17 +257,16 @@ class LosiaMethod(Method):
             for t in self.targets:
                 t.module.write_through()
         slots = self.slot_schedule.relocalizing_slots(step)
-        started = synchronized_clock(self.device) if slots else 0.0
-        for slot in slots:
-            for t in self.slots[slot]:
-                self._relocalize(t, step)
-            # A slot is one param group; resetting the group (not each `sub`) also covers ZeRO, whose
-            # optimizer holds one flat shard per group in place of the group's tensors.
-            self._reset_moments(optimizer.param_groups[slot]["params"], optimizer)
-            self.restarts[slot] = step + 1
         if slots:
+            with self.relocalization_timer.section():
+                for slot in slots:
+                    for t in self.slots[slot]:
+                        self._relocalize(t, step)
+                    # A slot is one param group; resetting the group (not each `sub`) also covers ZeRO,
+                    # whose optimizer holds one flat shard per group in place of the group's tensors.
+                    self._reset_moments(optimizer.param_groups[slot]["params"], optimizer)
+                    self.restarts[slot] = step + 1
             self.ctx.dist.params_changed()
-            self.relocalization_time_s += synchronized_clock(self.device) - started
         self.next_step = step + 1
         self._set_scoring(self.next_step)
 
@@ -405,7 +403,7 @@ class LosiaMethod(Method):
         super().save(exported, path, state_dict)
 
     def report_extras(self) -> dict:
-        return {"relocalization_time_s": self.relocalization_time_s}
+        return {"relocalization_time_s": self.relocalization_timer.seconds}
 
     def describe(self) -> dict:
         info = super().describe()
