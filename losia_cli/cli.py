@@ -4,31 +4,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
 
 from rich.markup import escape
 
-from losia_cli.commands import bench, chat, compare, export, merge, recipes, report, slurm, train
-from losia_cli.commands import eval as evaluate
 from losia_cli.commands.common import err_console, print_error
 from losia_cli.errors import LosiaError
 
-COMMANDS = (train, recipes, merge, evaluate, chat, export, compare, bench, report, slurm)
+# One module per command (losia_cli/commands/), imported only when needed: `losia bench` on a bare
+# GPU image must not pull in the training stack (datasets, accelerate's launcher, ...).
+COMMANDS = ("train", "recipes", "merge", "eval", "chat", "export", "compare", "bench", "report", "slurm")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only` just that command's part of it."""
     parser = argparse.ArgumentParser(
         prog="losia",
         description="Fine-tune LLMs with LoSiA / LoSiA-Pro and the paper's baselines, from YAML recipes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=train.EXAMPLES,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(subparsers)
+    for name in COMMANDS if only is None else (only,):
+        importlib.import_module(f"losia_cli.commands.{name}").add_parser(subparsers)
+    if only is None:
+        parser.epilog = importlib.import_module("losia_cli.commands.train").EXAMPLES
     return parser
 
 
@@ -58,7 +61,8 @@ def _quiet_libraries(debug: bool, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -86,8 +86,6 @@ def parse_options(words: list[str], model):
     from hydra.errors import HydraException
     from pydantic import ValidationError
 
-    from losia_cli.config import format_validation_error
-
     bad = [w for w in words if "=" not in w]
     if bad:
         raise UsageError(f"expected key=value, got {bad[0]!r}")
@@ -109,4 +107,6 @@ def parse_options(words: list[str], model):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
+        from losia_cli.config import format_validation_error  # the run config's stack: only on an error
+
         raise ConfigError(format_validation_error(e)) from None

@@ -117,3 +117,22 @@ def test_bench_from_json_errors(tmp_path):
 def test_run_bench_galore():
     r = run_bench(MICRO, ["lora", "galore"], batch=1, seq=8, steps=1, warmup=1, rss=False)["results"]["galore"]
     assert r["trainable_params"] == r["total_params"] and r["optimizer_state_bytes"] > 0
+
+
+def test_bench_does_not_import_the_training_stack(tmp_path):
+    """`losia bench` runs on a bare GPU image: no datasets, no run config, no training loop. (Still
+    imported: pydantic for the method configs, hydra's key=value parser, rich; accelerate via peft.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from losia_cli.cli import main\n"
+        "assert main(['bench', 'model=llama_h512_l4', 'methods=[floor,lora,losia_pro]', 'batch=2', 'seq=16',"
+        " 'device=meta', '--out', sys.argv[1]]) == 0\n"
+        "print(' '.join(m for m in ('datasets', 'losia_cli.data', 'losia_cli.config', 'losia_cli.engine.loop')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "meta.json")], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.splitlines()[-1] == ""

@@ -14,7 +14,7 @@ frees each model before the next is built (for shapes where all models do not fi
 
 Memory, per method:
 - `accounted_bytes`: parameters + buffers + gradients (after backward) + optimizer state (after the
-  step) + activations saved for backward (all tensors packed through `saved_tensors_hooks` in one
+  step) + LoSiA's fp32 scorer buffers + activations saved for backward (all tensors packed through `saved_tensors_hooks` in one
   forward, unique storages, parameters excluded). Device-independent and exact for what it counts;
   it omits allocator slack and transient workspaces (logits upcast, GEMM scratch).
 - CUDA: `cuda_peak_allocated_bytes` / `cuda_peak_reserved_bytes` over warmup + 2 steps, measured with
@@ -36,6 +36,7 @@ import sys
 import torch
 
 from losia_cli.bench.memory import cuda_memory_pass, free, rss_pass
+from losia_cli.bench.meta import cost_table, markdown_table
 from losia_cli.bench.plot import load_report, plot_report, print_table
 from losia_cli.bench.runner import BETAS, EPS, LR, METHODS, Runner
 from losia_cli.bench.shapes import SHAPES, make_batch, vocab_size
@@ -43,7 +44,8 @@ from losia_cli.engine.records import device_name, percentile, versions
 from losia_cli.errors import BenchError
 from losia_cli.models import DTYPES
 
-__all__ = ["BenchError", "METHODS", "SHAPES", "load_report", "plot_report", "print_table", "run_bench"]
+__all__ = ["BenchError", "METHODS", "SHAPES", "load_report", "markdown_table", "plot_report", "print_table",
+           "run_bench"]
 
 
 def run_bench(
@@ -54,7 +56,7 @@ def run_bench(
     steps: int = 10,
     warmup: int = 2,
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     activation_checkpointing: bool = False,
     lora_rank: int = 8,
     rank_factor: float | None = None,
@@ -67,17 +69,44 @@ def run_bench(
 ) -> dict:
     """Time and measure `methods` on one shape; returns the JSON-able report (see module doc).
 
-    `rss`: measure CPU peak RSS in child processes (None: yes on CPU). `period`: LoSiA's T override.
+    `device=meta`: FLOPs and bytes from the real shapes, nothing timed (bench/meta.py). `dtype`: default
+    bf16 on cuda and meta, fp32 on cpu. `rss`: measure CPU peak RSS in child processes (None: yes on
+    CPU). `period`: LoSiA's T override.
     `notes`: free text kept in the report (machine conditions). `progress(msg)`: optional status callback.
     """
     methods = list(dict.fromkeys(methods))
+    dtype = dtype or ("fp32" if device == "cpu" else "bf16")  # bf16 tensor cores on a GPU (and its cost on meta)
     _check(methods, device, dtype, steps, warmup)
     say = progress or (lambda msg: None)
     spec = dict(model=model, batch=batch, seq=seq, steps=steps, warmup=warmup, device=device, dtype=dtype,
                 activation_checkpointing=activation_checkpointing, lora_rank=lora_rank,
                 rank_factor=rank_factor, seed=seed, period=period, num_threads=torch.get_num_threads())
-    dev = torch.device(device)
-    data = make_batch(spec, vocab_size(model))
+    if device == "meta":
+        say("counting on the meta device")
+        results, memory_key = cost_table(spec, methods), "accounted_bytes"
+    else:
+        results = _time_methods(methods, spec, interleave, rss, say)
+        memory_key = _add_ratios(results, methods[0])
+    return {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "device": "meta" if device == "meta" else device_name(torch.device(device)),
+            "versions": versions(),
+            "peak_memory_metric": memory_key,
+            "notes": notes,
+            "config": {k: v for k, v in spec.items()} | {"methods": methods, "interleave": interleave,
+                                                            "lr": LR, "betas": list(BETAS), "eps": EPS},
+        },
+        "results": results,
+    }
+
+
+def _time_methods(methods: list[str], spec: dict, interleave: bool, rss: bool | None, say) -> dict[str, dict]:
+    """Each method's step times and memory on a real device (see the module doc)."""
+    dev = torch.device(spec["device"])
+    tokens = spec["batch"] * spec["seq"]
+    data = make_batch(spec, vocab_size(spec["model"]))
     results: dict[str, dict] = {m: {} for m in methods}
     if rss is None:
         rss = dev.type == "cpu"
@@ -91,35 +120,22 @@ def run_bench(
             results[name].update(cuda_memory_pass(name, spec, data))
     if interleave:
         runners = [_start(name, spec, data, say, fresh_peak=False) for name in methods]
-        say(f"timing {steps} interleaved rounds")
-        for _ in range(steps):
+        say(f"timing {spec['steps']} interleaved rounds")
+        for _ in range(spec["steps"]):
             for runner in runners:
                 runner.times.append(runner.step())
         for runner in runners:
-            _finish(runner, results[runner.name], batch * seq, cuda_peak=False)
+            _finish(runner, results[runner.name], tokens, cuda_peak=False)
     else:
         for name in methods:
             runner = _start(name, spec, data, say, fresh_peak=dev.type == "cuda")
             say(f"timing {name}")
-            for _ in range(steps):
+            for _ in range(spec["steps"]):
                 runner.times.append(runner.step())
-            _finish(runner, results[name], batch * seq, cuda_peak=dev.type == "cuda")
+            _finish(runner, results[name], tokens, cuda_peak=dev.type == "cuda")
             del runner
             free(dev)
-    memory_key = _add_ratios(results, methods[0])
-    return {
-        "meta": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-            "device": device_name(dev),
-            "versions": versions(),
-            "peak_memory_metric": memory_key,
-            "notes": notes,
-            "config": {k: v for k, v in spec.items()} | {"methods": methods, "interleave": interleave,
-                                                            "lr": LR, "betas": list(BETAS), "eps": EPS},
-        },
-        "results": results,
-    }
+    return results
 
 
 def _check(methods: list[str], device: str, dtype: str, steps: int, warmup: int) -> None:

@@ -28,16 +28,18 @@ class FloorMethod(Method):
         return []
 
 
+def storage_id(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage (views share it); works on meta, where every data_ptr is 0."""
+    return t.untyped_storage()._cdata
+
+
 def _tensor_bytes(obj, seen: set[int]) -> int:
     """Bytes of the distinct tensor storages reachable from an optimizer-state value."""
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "meta":
+        if storage_id(obj) in seen:
             return 0
-        storage = obj.untyped_storage()
-        if storage.data_ptr() in seen:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
+        seen.add(storage_id(obj))
+        return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -48,8 +50,9 @@ def _tensor_bytes(obj, seen: set[int]) -> int:
 
 
 # losia_pro_delta: LoSiA-Pro in the delta form FSDP runs (W written only when a block moves), here in
-# one process, to price that form against write-through.
-METHODS = ["floor", *method_names(), "losia_pro_delta"]
+# one process, to price that form against write-through. lora_bf16: LoRA with its adapters in the
+# base dtype (peft upcasts them to fp32 by default, which costs activation memory and traffic).
+METHODS = ["floor", *method_names(), "lora_bf16", "losia_pro_delta"]
 LR, BETAS, EPS = 1e-5, (0.9, 0.999), 1e-8
 LONG_RUN = 10**6  # updates of the run a timed step is taken from
 
@@ -60,12 +63,15 @@ def make_method(name: str, lora_rank: int, rank_factor: float | None, period: in
         return FloorMethod(None)
     if name not in METHODS:
         raise BenchError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
-    base = name.removesuffix("_delta")
+    base = name.removesuffix("_delta").removesuffix("_bf16")
     cls = method_class(base)
     if cls.requires and importlib.util.find_spec(cls.requires[0]) is None:
         package = cls.requires[1]
         raise BenchError(f"method {name} needs the package {package}: pip install {package}")
-    return cls(cls.sized_config(base, lora_rank, rank_factor=rank_factor, period=period))
+    cfg = cls.sized_config(base, lora_rank, rank_factor=rank_factor, period=period)
+    if name == "lora_bf16":
+        cfg = cfg.model_copy(update={"adapter_dtype": "base"})
+    return cls(cfg)
 
 
 class Runner:
@@ -79,7 +85,7 @@ class Runner:
         ctx = TrainContext(schedule=WarmupCosine(total_steps=total), total_steps=LONG_RUN, seed=spec["seed"],
                            sharded_weights=name.endswith("_delta"))
         self.method = make_method(name, spec["lora_rank"], spec["rank_factor"], spec.get("period"))
-        model = build_model(spec["model"], spec["device"], spec["dtype"], spec["seed"])
+        model = build_model(spec["model"], spec["device"], spec["dtype"], spec["seed"], spec.get("attention"))
         self.model = self.method.prepare(model, ctx)
         if spec["activation_checkpointing"]:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -112,13 +118,13 @@ class Runner:
     def _accounted_forward_backward(self) -> None:
         """Forward + backward while summing the unique storages autograd saves for backward, and the
         gradients' bytes before the optimizer frees them."""
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        params = {storage_id(p) for p in self.model.parameters()}
         seen: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and t.device.type != "meta":
-                seen[ptr] = t.untyped_storage().nbytes()
+            # Saved tensors stay alive until backward, so no storage id is reused meanwhile.
+            if storage_id(t) not in params:
+                seen[storage_id(t)] = t.untyped_storage().nbytes()
             return t
 
         # Tensors are packed only while the forward records them; backward unpacks (identity).
@@ -136,9 +142,14 @@ class Runner:
         )
         memory["param_bytes"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
         memory["buffer_bytes"] = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        memory["accounted_bytes"] = sum(
-            memory[k] for k in ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes")
+        # LoSiA's fp32 m x n gradient accumulator and two EMAs of the layer that scores now.
+        memory["scorer_bytes"] = sum(
+            t.numel() * t.element_size()
+            for m in self.model.modules() if getattr(m, "scorer", None) is not None
+            for t in m.scorer.state_dict().values()
         )
+        memory["accounted_bytes"] = sum(memory[k] for k in ("param_bytes", "buffer_bytes", "grad_bytes",
+                                                            "optimizer_state_bytes", "activation_bytes", "scorer_bytes"))
 
     def close(self) -> None:
         self.model = self.optimizer = self.driver = self.method = None

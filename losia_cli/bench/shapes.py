@@ -54,8 +54,9 @@ def _config_cls(family: str):
     return {"llama": LlamaConfig, "gemma": GemmaConfig}[family]
 
 
-def build_model(model: str | dict, device: str, dtype: str, seed: int) -> nn.Module:
-    """A shape name (random weights), a dict {"family", **config kwargs} (tests), or a local HF dir."""
+def build_model(model: str | dict, device: str, dtype: str, seed: int, attention: str | None = None) -> nn.Module:
+    """A shape name (random weights), a dict {"family", **config kwargs} (tests), or a local HF dir.
+    `attention`: a registered attention implementation in place of sdpa (the meta cost model's)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -67,12 +68,12 @@ def build_model(model: str | dict, device: str, dtype: str, seed: int) -> nn.Mod
         config = _config_cls(family)(**kwargs)
     elif Path(model).expanduser().is_dir():
         return AutoModelForCausalLM.from_pretrained(
-            Path(model).expanduser(), dtype=DTYPES[dtype], attn_implementation="sdpa"
+            Path(model).expanduser(), dtype=DTYPES[dtype], attn_implementation=attention or "sdpa"
         ).to(device)
     else:
         raise _unknown(model)
     with torch.device(device):  # initialise directly on the device (a 7B init on CPU takes minutes)
-        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attention or "sdpa")
 
 
 def vocab_size(model) -> int:

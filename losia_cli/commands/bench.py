@@ -11,11 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from losia_cli.commands.common import command_parser
 from losia_cli.compose import parse_options
+from losia_cli.errors import UsageError
 
 EXAMPLES = """\
 examples:
   losia bench model=llama_h512_l4 methods=[floor,lora,losia_pro] batch=4 seq=256
   losia bench model=llama2_7b methods=[floor,lora,losia_pro] batch=16 seq=256 dtype=bf16 device=cuda --no-interleave
+  losia bench model=llama2_7b methods=[floor,lora,lora_bf16,losia_pro] batch=16 seq=256 device=meta
   losia bench --from benchmarks/results/cpu_llama_h512_l4.json     # re-print and re-plot a saved result
 options: {options}
 """
@@ -35,9 +37,10 @@ class BenchOptions(BaseModel):
     """Measured steps per method."""
     warmup: int = Field(2, ge=0)
     """Unmeasured steps per method first."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: cuda when available, else cpu."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda", "meta"] = "auto"
+    """auto: cuda when available, else cpu. meta: FLOPs and bytes of the real shapes, nothing timed."""
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Default: bf16 on cuda and meta, fp32 on cpu."""
     activation_checkpointing: bool = False
     lora_rank: int = Field(8, gt=0)
     """LoRA/DoRA/PiSSA/GaLore rank; LoSiA gets the parity rank factor."""
@@ -78,7 +81,8 @@ def run(args) -> int:
     from rich.console import Console
 
     from losia_cli import atomic
-    from losia_cli.bench import load_report, plot_report, print_table, run_bench
+    from losia_cli.bench import load_report, markdown_table, plot_report, print_table, run_bench
+    from losia_cli.models import best_device
 
     console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: don't squeeze the table
     opts = parse_options(args.options, BenchOptions)
@@ -86,12 +90,14 @@ def run(args) -> int:
     opts = opts.model_copy(update={k: v for k, v in flags.items() if v is not None})
     if args.from_json:
         report = load_report(args.from_json)
+        if report["meta"]["device"] == "meta":
+            raise UsageError(f"{args.from_json} is a meta count (no timings to plot); its table is the .md next to it")
         print_table(report, console)
         console.print(f"wrote {plot_report(report, args.plot or Path(args.from_json).with_suffix('.png'))}")
         return 0
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = opts.device if opts.device != "auto" else best_device().type
     report = run_bench(
         model=opts.model, methods=opts.methods, batch=opts.batch, seq=opts.seq, steps=opts.steps,
         warmup=opts.warmup, device=device, dtype=opts.dtype, activation_checkpointing=opts.activation_checkpointing,
@@ -103,6 +109,14 @@ def run(args) -> int:
     out = Path(args.out or f"benchmarks/results/{torch.device(device).type}_{shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, report)
+    if device == "meta":  # counts, no timings: a Markdown table, also written next to the JSON
+        cfg = report["meta"]["config"]
+        table = (f"{shape}, B{cfg['batch']}xT{cfg['seq']}, {cfg['dtype']}, one optimizer step, on meta "
+                 f"(`{report['meta']['command']}`)\n\n" + markdown_table(list(report["results"].values())) + "\n")
+        atomic.write_text(out.with_suffix(".md"), table)
+        console.print(table, markup=False)
+        console.print(f"wrote {out} and {out.with_suffix('.md')}")
+        return 0
     print_table(report, console)
     console.print(f"wrote {out}")
     if args.plot:
