@@ -76,6 +76,17 @@ def test_scoring_accumulates_the_dense_gradient():
     torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad.float()[rows][:, cols], atol=5e-2, rtol=2e-2)
 
 
+def test_device_timer_times_cuda_work_without_waiting_for_it():
+    from losia_cli.methods.base import DeviceTimer
+
+    timer = DeviceTimer(torch.device("cuda"))
+    for _ in range(3):
+        with timer.section():
+            torch.cuda._sleep(50_000_000)  # tens of ms of GPU time; the host returns at once
+    assert timer._pending  # the host did not wait for the last section
+    assert timer.seconds > 0.01 and not timer._pending
+
+
 METHODS = {
     "full": ("method=full",), "lora": ("method=lora",), "lora_bf16": ("method=lora", "method.adapter_dtype=base"),
     "dora": ("method=dora",), "pissa": ("method=pissa",), "galore": ("method=galore", "method.rank=4"),

@@ -72,6 +72,14 @@ def test_a_slot_that_cannot_finish_does_not_score(schedule):
     assert scoring[:12] == drive(steps=12, schedule=schedule)[2]
 
 
+def test_a_single_slot_scores_again_after_it_moves():
+    _, method = build(lambda: tiny_llama(1), period=2)
+    optimizer = make_optimizer(method)
+    for step in range(6):  # moves after updates 1, 3 and 5: each needs the scores of its period
+        method.on_step(step, optimizer)
+    assert all(t.module.mode == "scoring" for t in method.targets)
+
+
 def test_records_are_built_only_for_a_listener():
     assert not Records().listening and ListRecords([]).listening
 

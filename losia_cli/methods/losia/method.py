@@ -267,6 +267,7 @@ class LosiaMethod(Method):
                     self._reset_moments(optimizer.param_groups[slot]["params"], optimizer)
                     self.restarts[slot] = step + 1
             self.ctx.dist.params_changed()
+            self.scoring_slots = None  # the moved blocks' scorers are freed: set scoring up anew
         self.next_step = step + 1
         self._set_scoring(self.next_step)
 
