@@ -190,7 +190,12 @@ def test_host_syncs_only_every_few_steps_and_a_stop_still_checkpoints(tiny_confi
 
     monkeypatch.setattr(loop, "SYNC_EVERY", 4)
     real_sync, synced = loop._sync, []
-    monkeypatch.setattr(loop, "_sync", lambda run, pending, *a: synced.append(len(pending)) or real_sync(run, pending, *a))
+
+    def counted(run, pending, *args):
+        synced.append(len(pending))
+        return real_sync(run, pending, *args)
+
+    monkeypatch.setattr(loop, "_sync", counted)
     common = ("method=losia_pro", "train.max_steps=10", "train.log_every=100")
     run_dir = train(tiny_config("quiet", *common))
     assert synced == [4, 4, 2]

@@ -14,8 +14,8 @@ frees each model before the next is built (for shapes where all models do not fi
 
 Memory, per method:
 - `accounted_bytes`: parameters + buffers + gradients (after backward) + optimizer state (after the
-  step) + LoSiA's fp32 scorer buffers + activations saved for backward (all tensors packed through `saved_tensors_hooks` in one
-  forward, unique storages, parameters excluded). Device-independent and exact for what it counts;
+  step) + LoSiA's fp32 scorer buffers + activations saved for backward (all tensors packed through
+  `saved_tensors_hooks` in one forward, unique storages, parameters excluded). Device-independent and exact for what it counts;
   it omits allocator slack and transient workspaces (logits upcast, GEMM scratch).
 - CUDA: `cuda_peak_allocated_bytes` / `cuda_peak_reserved_bytes` over warmup + 2 steps, measured with
   only that method's model alive (a sequential pass before the timed phase when interleaving).

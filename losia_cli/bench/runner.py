@@ -148,8 +148,8 @@ class Runner:
             for m in self.model.modules() if getattr(m, "scorer", None) is not None
             for t in m.scorer.state_dict().values()
         )
-        memory["accounted_bytes"] = sum(memory[k] for k in ("param_bytes", "buffer_bytes", "grad_bytes",
-                                                            "optimizer_state_bytes", "activation_bytes", "scorer_bytes"))
+        parts = ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes", "scorer_bytes")
+        memory["accounted_bytes"] = sum(memory[k] for k in parts)
 
     def close(self) -> None:
         self.model = self.optimizer = self.driver = self.method = None
