@@ -6,6 +6,7 @@ key and type, so a typo or a wrong type is one clear line naming the key instead
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -50,13 +51,26 @@ class TrainConfig(_Strict):
         return self
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
 class RunSection(_Strict):
-    name: str | None = None  # default: <recipe>-<method>-<timestamp>
+    name: str | None = None  # default: <recipe>-<method>-<timestamp>; one safe dir name (see _safe_name)
     output_dir: str = "runs"
     resume: str | None = None  # "auto" = latest complete checkpoint of this run dir, or a path
     overwrite: bool = False  # reuse an existing run dir that holds a finished run
     loggers: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl also goes to these
     wandb_project: str = "losia"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        # The run dir is output_dir/name and run.overwrite deletes it: a name must not reach outside
+        # (`.`, `..`, `a/../b`) or need quoting in a shell or #SBATCH line (spaces, `$`).
+        if name is not None and not _SAFE_NAME.fullmatch(name):
+            raise ValueError("must be one directory name of letters, digits and _ . + = - "
+                             "(not starting with .)")
+        return name
 
     @field_validator("loggers")
     @classmethod

@@ -60,7 +60,8 @@ def stage_config(cfg: RunConfig, index: int, weights: str) -> RunConfig:
     raw["data"].update(stage.data.model_dump(exclude_unset=True))
     raw["train"].update(stage.train.model_dump(exclude_unset=True))
     raw["model"] = _model_at(cfg, weights).model_dump()
-    raw["run"]["name"] = f"{cfg.run.name}/{stage_dir(cfg, index).name}"
+    # The same dir as output_dir/name/stage-..., with run.name one plain dir name as everywhere.
+    raw["run"].update(output_dir=str(cfg.run_dir()), name=stage_dir(cfg, index).name)
     raw["eval"]["after_train"] = False  # the orchestrator evaluates, on the seen tasks
     raw["stages"] = None
     try:

@@ -32,10 +32,11 @@ from losia_cli.engine.distributed import (
 from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
-from losia_cli.engine.records import RunRecords, step_timings
-from losia_cli.engine.rundir import name_run, resume_point
+from losia_cli.engine.records import BufferedRecords, RunRecords, step_timings
+from losia_cli.engine import rundir
+from losia_cli.engine.rundir import name_run
 from losia_cli.engine.step import StepDriver, build_optimizer
-from losia_cli.methods import Method, Records, TrainContext, WarmupCosine, build_method
+from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
 from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
@@ -63,6 +64,7 @@ class Run:
     # Per-step history, kept in checkpoints so the report covers the whole of a resumed run.
     history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": []})
     wall0: float = 0.0  # when the step loop started
+    lock: rundir.RunLock | None = None  # rank 0's hold on the run dir, released when train() ends
 
     @property
     def main(self) -> bool:
@@ -91,8 +93,12 @@ class Run:
 
 def train(cfg: RunConfig, console: Console | None = None) -> Path:
     run = setup(cfg, console or Console(soft_wrap=True))
-    run_steps(run)
-    return finish(run)
+    try:
+        run_steps(run)
+        return finish(run)
+    finally:
+        if run.lock:
+            run.lock.release()
 
 
 def setup(cfg: RunConfig, console: Console) -> Run:
@@ -107,8 +113,8 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     accelerator = make_accelerator(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
     cfg = name_run(cfg)
-    resume_from = resume_point(cfg) if main else None
-    resume_from = broadcast_object_list([str(resume_from or "")])[0]  # rank 0 decides for all
+    if main:
+        rundir.check(cfg)  # refusals only: nothing is created or deleted before the checks below
 
     # Data before weights: a bad data file is reported in seconds, not after loading a model.
     model_path = resolve_model_path(cfg.model)
@@ -127,28 +133,41 @@ def setup(cfg: RunConfig, console: Console) -> Run:
         )
     micro_per_epoch = len(data) // (tc.micro_batch_size * world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
-    records = RunRecords(cfg.run_dir()) if main else None
     schedule = WarmupCosine(total_steps, int(tc.warmup_ratio * total_steps), tc.min_lr_ratio)
-    # A resumed run's initial blocks are in subnets.jsonl already (and the checkpoint replaces them):
-    # the records start after prepare() then.
+    # The method's initial records (LoSiA's step-0 subnets) wait until the run dir is claimed.
+    initial = BufferedRecords()
     ctx = TrainContext(schedule=schedule, total_steps=total_steps, grad_accum=tc.grad_accum, seed=cfg.seed,
-                       records=records if main and not resume_from else Records(),
-                       dist=AcceleratorDist(accelerator), sharded_weights=cfg.dist.shards_weights)
+                       records=initial, dist=AcceleratorDist(accelerator), sharded_weights=cfg.dist.shards_weights)
     method = build_method(cfg.method)
     model = method.prepare(model, ctx)
-    if main:
-        ctx.records = records
     model, driver = _optimizing(cfg, accelerator, model, method)
-    run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, collate=collate,
-              total_steps=total_steps, records=records, schedule=schedule, method=method, model=model,
-              unwrapped=accelerator.unwrap_model(model), driver=driver,
-              grad_sync=count_grad_sync_bytes(model, ctx.dist))
-    if resume_from:
-        state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
-        run.start_step = state["step"]
-        run.history = state.get("history", run.history)
-    if main:
-        _announce(run, resume_from)
+
+    # Everything is checked: only now is the run dir created, locked, and cleared or resumed.
+    lock, resume_from = rundir.claim(cfg, lambda line: console.print(f"[yellow]warning:[/] {line}")) if main else (None, None)
+    try:
+        resume_from = broadcast_object_list([str(resume_from or "")])[0]  # rank 0 decides for all
+        records = RunRecords(cfg.run_dir()) if main else None
+        if main:
+            ctx.records = records
+        run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, collate=collate,
+                  total_steps=total_steps, records=records, schedule=schedule, method=method, model=model,
+                  unwrapped=accelerator.unwrap_model(model), driver=driver,
+                  grad_sync=count_grad_sync_bytes(model, ctx.dist), lock=lock)
+        if resume_from:
+            state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
+            run.start_step = state["step"]
+            run.history = state.get("history", run.history)
+        if main:
+            # Drop what a killed run wrote past its checkpoint (all of it, with none to resume from);
+            # a fresh start's initial records come from this prepare(), a resumed one's from the checkpoint.
+            records.truncate_after(run.start_step if resume_from else -1)
+            if not resume_from:
+                initial.replay(records)
+            _announce(run, resume_from)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     return run
 
 
@@ -173,8 +192,6 @@ def _optimizing(cfg: RunConfig, accelerator: Accelerator, model, method: Method)
 
 def _announce(run: Run, resume_from: str) -> None:
     cfg = run.cfg
-    if resume_from or cfg.run.resume == "auto":
-        run.records.truncate_after(run.start_step)  # also drops the records of a run killed before its 1st checkpoint
     run.records.write_config({**cfg.model_dump(mode="json"), "total_steps": run.total_steps}, run.device)
     summary = run.method.describe()
     run.console.print(
