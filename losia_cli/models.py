@@ -114,7 +114,8 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not (path / "config.json").exists():
             raise ModelError(f"model dir {path} has no config.json")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    # `runs/nope` is a missing local path, not a hub id: its first part is a dir here.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (path.parent.name and path.parent.is_dir()):
         raise ModelError(f"model path not found: {name}")
     return name  # a hub id
 
@@ -192,7 +193,10 @@ def load_run_model(run_dir: Path):
     from peft import PeftModel
 
     base = load_plain(Path(resolve_model_path(ModelConfig(**config["model"]))))
-    adapted = PeftModel.from_pretrained(base, final)
+    try:
+        adapted = PeftModel.from_pretrained(base, final)
+    except Exception as e:  # a truncated or damaged adapter: safetensors and peft raise many types
+        raise MergeError(f"cannot read the adapter in {final}: {str(e).splitlines()[0]}") from None
     with torch.no_grad():
         reference = adapted(probe_tokens(base)).logits  # the adapter model, before folding
     return adapted.merge_and_unload(), tokenizer, reference

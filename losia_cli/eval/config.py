@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from losia_cli.errors import UsageError
+
 # Default evaluation split of each task whose standard benchmark is public on the hub.
 # Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
 DEFAULT_SOURCES = {
@@ -40,3 +42,8 @@ class EvalConfig(BaseModel):
     backend: Literal["native", "lm_eval"] = "native"  # lm_eval: tasks are lm-evaluation-harness task names
     include_path: str | None = None  # lm_eval: a dir of extra harness task YAMLs (local tasks)
     num_fewshot: int | None = Field(None, ge=0)  # lm_eval: few-shot examples (None: each task's default)
+
+    def require_work(self) -> None:
+        """Refuse a native evaluation with nothing to do (before any model loads)."""
+        if self.backend == "native" and not self.tasks and not self.forgetting:
+            raise UsageError("nothing to evaluate: give tasks=[...] or forgetting=true")

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from losia_cli.errors import ConfigError
 from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
 
 
@@ -59,10 +60,14 @@ class PeftMethod(Method):
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         from peft import get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        model = get_peft_model(
-            model, self.peft_config(), autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32"
-        )
+        try:
+            model = get_peft_model(
+                model, self.peft_config(), autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32"
+            )
+        except NoMatchingPeftModuleError:
+            raise ConfigError(f"no module matched method.target_modules={self.cfg.target_modules!r}") from None
         if self.cfg.name == "pissa":
             # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
             # original base, keep the initial adapter; peft converts the trained one against it.

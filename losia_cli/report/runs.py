@@ -38,16 +38,17 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     """Records of a line-buffered JSONL file; a crash can only cut its last line, which is skipped."""
     if not path.is_file():
         return []
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     records = []
     for i, line in lines:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode())  # bytes, decoded per line: a bad line is named by number
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             if i == lines[-1][0]:
                 notes.append(f"{path.name}: ignored a truncated last line (the run was cut off mid-write)")
                 continue
-            raise ReportError(f"{path}:{i} is not valid JSON") from None
+            what = "UTF-8" if isinstance(e, UnicodeDecodeError) else "valid JSON"
+            raise ReportError(f"{path}:{i} is not {what}") from None
         if not isinstance(record, dict) or "step" not in record:
             raise ReportError(f"{path}:{i} is not a record with a 'step'")
         records.append(record)
