@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from losia_cli.cli import main
+from losia_cli.errors import ReportError
 from losia_cli.report import build_report
 from losia_cli.report.figures import occupancy
 
@@ -98,10 +99,12 @@ def test_single_losia_run(tmp_path):
                   "321.0 MiB", "1.25", f"{report['final_loss']:.4f}", "61.5", "package:smollm2-135m",
                   "x86_64 CPU, 2 threads", "torch 2.13.0", "0123456789ab", "losia_pro"):
         assert value in html, value
-    # Reporting again replaces the previous report.
-    (run / "report" / "stale.png").write_bytes(b"x")
+    # Reporting again replaces the previous report, but never a file someone added to it.
     build_report([run])
-    assert not (run / "report" / "stale.png").exists()
+    (run / "report" / "mine.png").write_bytes(b"x")
+    with pytest.raises(ReportError, match="holds files losia did not write there"):
+        build_report([run])
+    assert (run / "report" / "mine.png").exists()
 
 
 def test_occupancy_weights_blocks_by_how_long_they_trained():
@@ -172,7 +175,7 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data.txt").write_text("keep me")
     assert main(["report", str(run), "--out", str(tmp_path / "precious")]) == 2
-    assert "is not a losia report dir" in capsys.readouterr().err
+    assert "holds files losia did not write there (data.txt)" in capsys.readouterr().err
     assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
 
 
