@@ -63,6 +63,8 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# What marks a dir as a run dir losia wrote (a run, or a continual run's parent).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "continual.json")
 # The list of files an output dir (merge --out, report --out) was written with: replacing it may only
 # delete those, never a run dir or files someone put there since.
 WRITTEN = ".losia-written"
@@ -79,12 +81,13 @@ def foreign(out: Path) -> str | None:
         return None
     if not out.is_dir():
         return f"{out} is a file"
-    if any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "continual.json")):
+    if any((out / name).exists() for name in RUN_FILES):
         return f"{out} is a run dir"
     written = set((out / WRITTEN).read_text().splitlines()) if (out / WRITTEN).is_file() else set()
     others = sorted(_files_under(out) - written)
-    return f"{out} holds files losia did not write there ({others[0]}{', ...' if len(others) > 1 else ''})" \
-        if others else None
+    if not others:
+        return None
+    return f"{out} holds files losia did not write there ({others[0]}{', ...' if len(others) > 1 else ''})"
 
 
 @contextlib.contextmanager

@@ -119,11 +119,8 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_manifest(ckpt: Path) -> None:
@@ -134,11 +131,14 @@ def write_manifest(ckpt: Path) -> None:
 
 
 def damage(ckpt: Path) -> str | None:
-    """Why the checkpoint dir `ckpt` cannot be trusted (a missing, truncated or altered file), or None."""
+    """Why the checkpoint dir `ckpt` cannot be trusted (a missing, truncated or altered file), or None.
+    One without a manifest was written before checkpoints had one: it is taken as it is."""
+    if not (ckpt / MANIFEST).exists():
+        return None
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):
-        return f"no readable {MANIFEST}"
+        return f"{MANIFEST} is unreadable"
     for name, entry in manifest.items():
         path = ckpt / name
         if not path.is_file():

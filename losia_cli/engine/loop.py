@@ -21,11 +21,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
+from rich.markup import escape
 
 from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
-from losia_cli.engine import checkpoint
+from losia_cli.engine import checkpoint, rundir
 from losia_cli.engine.distributed import (
     AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
 )
@@ -33,8 +34,6 @@ from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import BufferedRecords, RunRecords, step_timings
-from losia_cli.engine import rundir
-from losia_cli.engine.rundir import name_run
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
 from losia_cli.model_card import write_model_card
@@ -112,7 +111,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     # process-wide singleton that refuses a second run with another precision (sweeps, tests).
     accelerator = make_accelerator(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
-    cfg = name_run(cfg)
+    cfg = rundir.name_run(cfg)
     if main:
         rundir.check(cfg)  # refusals only: nothing is created or deleted before the checks below
 
@@ -143,7 +142,10 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     model, driver = _optimizing(cfg, accelerator, model, method)
 
     # Everything is checked: only now is the run dir created, locked, and cleared or resumed.
-    lock, resume_from = rundir.claim(cfg, lambda line: console.print(f"[yellow]warning:[/] {line}")) if main else (None, None)
+    def warn(line: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(line)}")
+
+    lock, resume_from = rundir.claim(cfg, warn) if main else (None, None)
     try:
         resume_from = broadcast_object_list([str(resume_from or "")])[0]  # rank 0 decides for all
         records = RunRecords(cfg.run_dir()) if main else None

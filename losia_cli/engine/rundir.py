@@ -18,6 +18,7 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
+from losia_cli.atomic import RUN_FILES
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.engine import checkpoint
 
@@ -38,8 +39,6 @@ def name_run(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": default_run_name(cfg)})})
 
 
-# What marks a dir as one losia wrote (a run, or a continual run's parent): only such a dir is ever cleared.
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "continual.json")
 LOCK = ".lock"
 
 
@@ -57,8 +56,8 @@ def check_fresh(run_dir: Path, overwrite: bool) -> None:
             f"run dir {run_dir} already exists; pass run.resume=auto to continue it "
             "or run.overwrite=true to start over"
         )
-    if not any((run_dir / name).is_file() for name in _RUN_FILES):
-        raise ConfigError(f"run.overwrite: {run_dir} is not a run dir (no {' or '.join(_RUN_FILES)}); "
+    if not any((run_dir / name).is_file() for name in RUN_FILES):  # only a run dir is ever cleared
+        raise ConfigError(f"run.overwrite: {run_dir} is not a run dir (no {' or '.join(RUN_FILES)}); "
                           "not deleting it, choose another run.name")
     if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
         raise ConfigError(f"run.overwrite: {run_dir} holds the working directory; not deleting it")
