@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from losia_cli.commands.common import add_recipes_option, command_parser, console, print_error
-from losia_cli.compose import load_config
+from losia_cli.compose import load_config, sweep_words
 from losia_cli.errors import LosiaError
 from losia_cli.resources import recipes_dir
 
@@ -58,7 +58,7 @@ def _multirun(args) -> int:
     from losia_cli.engine.rundir import timestamp
 
     root = (args.recipes or recipes_dir()).resolve()
-    sys.argv = ["losia", "-m", *args.overrides]
+    sys.argv = ["losia", "-m", *sweep_words(args.overrides, args.recipes)]
     # The stamp is taken once, here: a sweep job that submitit requeues (it pickles the task) gets
     # the same run name again and, with run.resume=auto, continues its own run dir.
     task = SweepJob(timestamp(), args.recipes)
