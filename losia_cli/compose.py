@@ -138,7 +138,7 @@ def compose(overrides: list[str], root: Path | None = None):
     sections = _read_config_file(file) if file else {}
     chosen = {w.split("=", 1)[0] for w in hydra_words}
     groups = {p.name for p in root.iterdir() if p.is_dir()}
-    for key in [k for k in sections if k in groups and isinstance(sections[k], str)]:
+    for key in [k for k in sections if k in groups - {"recipe"} and isinstance(sections[k], str)]:
         hydra_words.insert(0, f"{key}={sections.pop(key)}")  # `method: lora` picks a group option
     for key in chosen & set(sections):
         del sections[key]  # a group picked on the command line replaces the file's section

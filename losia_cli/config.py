@@ -24,6 +24,8 @@ class _Strict(BaseModel):
 
 
 class TrainConfig(_Strict):
+    """How long and how to optimize (recipes/train/*.yaml)."""
+
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to train; wins over epochs when both are set."""
     epochs: float | None = Field(None, gt=0)
@@ -74,6 +76,8 @@ class TrainConfig(_Strict):
 
 
 class RunSection(_Strict):
+    """Where the run directory goes, resuming, and where metrics are logged."""
+
     name: str | None = None
     """Run directory name under output_dir; null: <recipe>-<method>-<timestamp>."""
     output_dir: str = "runs"
@@ -170,6 +174,7 @@ class RunConfig(_Strict):
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
+    """The fine-tuning method (recipes/method/*.yaml); its `name` picks the method's own keys."""
     train: TrainConfig
     run: RunSection = RunSection()
     dist: DistConfig = DistConfig()
@@ -235,3 +240,26 @@ def validate(cfg: DictConfig | dict, notes: list[str] | None = None) -> RunConfi
         return RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+
+
+def commented_yaml(cfg: BaseModel, indent: str = "") -> str:
+    """`cfg` as YAML with each field's description above it (`losia recipes cp NAME my.yaml`)."""
+    import textwrap
+
+    import yaml
+
+    values, lines = cfg.model_dump(mode="json"), []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        doc = field.description or (type(value).__doc__ if isinstance(value, BaseModel) else None)
+        if doc:
+            lines += [""] if lines else []
+            lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=f"{indent}# ",
+                                   subsequent_indent=f"{indent}# ")
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines.append(commented_yaml(value, indent + "  "))
+        else:
+            flow = yaml.safe_dump(values[name], default_flow_style=True, width=1 << 30, sort_keys=False)
+            lines.append(f"{indent}{name}: {flow.removesuffix(chr(10)).removesuffix(chr(10) + '...')}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from losia_cli.config import RunConfig
 from losia_cli.data import build_dataset, render_samples
+from losia_cli.data.tasks import load_chat_template
 from losia_cli.models import ModelError, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
@@ -34,8 +35,13 @@ def validate_recipe(cfg: RunConfig, console: Console) -> None:
             return
         raise
     console.print(f"[green]ok[/] model {cfg.model.name_or_path} -> {resolved}")
-    data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
-    console.print(f"[green]ok[/] data {cfg.data.source}: {data.stats}")
+    if cfg.data.chat_template:  # as training will: the samples below are rendered with it
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+    sources = cfg.data.source or ", ".join(s.source for s in cfg.data.sources)
+    for split in ("train", "val"):
+        data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split=split)
+        if data is not None:
+            console.print(f"[green]ok[/] data {sources} ({split}): {data.stats}")
     for i, sample in enumerate(render_samples(cfg.data, tokenizer, n=2), start=1):
         console.rule(f"sample {i} (dim = masked prompt, bold = trained target)")
         console.print(sample)
