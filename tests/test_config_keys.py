@@ -97,7 +97,8 @@ def test_one_file_config_on_a_base_recipe(tmp_path):
     cfg = load_config([str(path), "train.lr=1e-3"], quiet=True)
     assert cfg.method.name == "lora" and cfg.data.packing and cfg.train.lr == 1e-3  # the command line wins
     assert cfg.data.source == "bundled:gsm8k_sample"  # the rest from the recipe
-    assert load_config([str(path), "method=full"], quiet=True).method.name == "full"
+    path.write_text("recipe: smollm2_135m_math\nmethod: {name: lora, rank: 4}\n")
+    assert load_config([str(path), "method=full"], quiet=True).method.name == "full"  # replaces the section
 
 
 def test_one_file_config_standing_alone(tmp_path):

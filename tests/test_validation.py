@@ -61,6 +61,10 @@ def test_default_run_leaves_a_checkpoint_to_resume(tiny_config):
 
 
 def test_mixture_run_resumed_mid_run_is_bit_exact(tiny_config, tmp_path, monkeypatch):
+    from losia_cli.engine import loop
+
+    fresh = iter(range(100))  # every build mixes anew instead of reading the straight run's cache
+    monkeypatch.setattr(loop, "cache_dir", lambda: tmp_path / f"cache-{next(fresh)}")
     common = ("data=mixture_sample", "data.max_length=64", "train.max_steps=5", "train.save_every=2",
               "train.eval_every=2")
     straight = train(tiny_config("straight", *common))
