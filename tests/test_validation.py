@@ -10,7 +10,7 @@ import torch
 from losia_cli.engine import step as step_driver
 from losia_cli.engine.loop import train
 from losia_cli.engine.validation import save_interval, validations_since_best
-from tests.test_engine import final_weights
+from test_engine import final_weights
 
 
 def _rows(run_dir, key):
@@ -88,3 +88,5 @@ def test_mixture_run_resumed_mid_run_is_bit_exact(tiny_config, tmp_path, monkeyp
     curves = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (d / "metrics.jsonl").open())]
               for d in (straight, resumed)]
     assert curves[0] == curves[1] and any(v is not None for _, _, v in curves[0])
+    report = json.loads((straight / "report.json").read_text())
+    assert [share for _, share in report["data"]["mixture"]] == [50, 17]  # 3:1 of the 67 samples that fit 64 tokens
