@@ -125,3 +125,11 @@ def test_bad_one_file_configs_name_the_file_and_key(tmp_path, text, message):
 def test_train_takes_a_config_file_from_the_command_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_sweeps_set_schema_keys_the_yaml_leaves_out():
+    """`losia train -m` composes through Hydra's own launcher: schema keys go as ++key (set or add)."""
+    from losia_cli.compose import sweep_words
+
+    assert sweep_words(["method=lora,full", "data.packing=true,false", "train.lr=1e-4", "bogus=1"]) == [
+        "method=lora,full", "++data.packing=true,false", "++train.lr=1e-4", "bogus=1"]
