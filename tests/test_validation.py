@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
-from losia_cli.engine import step as step_driver
 from losia_cli.engine.loop import train
 from losia_cli.engine.validation import save_interval, validations_since_best
-from test_engine import final_weights
+from test_engine import crash_then_resume, final_weights
 
 
 def _rows(run_dir, key):
@@ -67,22 +65,7 @@ def test_mixture_run_resumed_mid_run_is_bit_exact(tiny_config, tmp_path, monkeyp
     monkeypatch.setattr(loop, "cache_dir", lambda: tmp_path / f"cache-{next(fresh)}")
     common = ("data=mixture_sample", "data.max_length=64", "train.max_steps=5", "train.save_every=2",
               "train.eval_every=2")
-    straight = train(tiny_config("straight", *common))
-
-    real_loss, calls = step_driver.token_loss_sum, {"n": 0}
-
-    def crash_on_fourth_step(logits, labels):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        return real_loss(logits, labels)
-
-    monkeypatch.setattr(step_driver, "token_loss_sum", crash_on_fourth_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_config("resumed", *common))
-    monkeypatch.setattr(step_driver, "token_loss_sum", real_loss)
-    resumed = train(tiny_config("resumed", *common, "run.resume=auto"))
-
+    straight, resumed = crash_then_resume(tiny_config, tmp_path, monkeypatch, *common)
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     curves = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (d / "metrics.jsonl").open())]
