@@ -40,6 +40,7 @@ def is_config_file(word: str) -> bool:
 def schema_has(key: str) -> bool:
     """Whether a dotted key (`data.packing`, `stages.0.train.lr`, `data.column_map.q`) names a
     field of the run schema, of any method's config, or a dict field's entry."""
+    from types import UnionType
     from typing import Union, get_args
 
     from pydantic import BaseModel
@@ -56,7 +57,7 @@ def schema_has(key: str) -> bool:
         if not parts:
             return True
         origin = get_origin(annotation)
-        if origin is Union or str(origin) in ("types.UnionType", "<class 'types.UnionType'>"):
+        if origin in (Union, UnionType):
             return any(walk(arg, parts) for arg in get_args(annotation))
         if origin is dict:
             return len(parts) == 1
@@ -71,10 +72,15 @@ def schema_has(key: str) -> bool:
     return head in RunConfig.model_fields and walk(RunConfig.model_fields[head].annotation, rest)
 
 
+def _groups(root: Path) -> set[str]:
+    """The config groups of a recipe tree: model, data, method, train, dist, recipe."""
+    return {p.name for p in root.iterdir() if p.is_dir()}
+
+
 def _split(words: list[str], root: Path) -> tuple[list[str], list[str]]:
     """Words Hydra composes (group choices, hydra.*, +/~ edits) and plain `key=value` settings,
     which compose() applies itself so that every schema key is settable, present in a YAML or not."""
-    groups = {p.name for p in root.iterdir() if p.is_dir()}
+    groups = _groups(root)
     hydra_words, settings = [], []
     for word in words:
         key = word.split("=", 1)[0]
@@ -137,8 +143,7 @@ def compose(overrides: list[str], root: Path | None = None):
     hydra_words, settings = _split(overrides[1:] if file else overrides, root)
     sections = _read_config_file(file) if file else {}
     chosen = {w.split("=", 1)[0] for w in hydra_words}
-    groups = {p.name for p in root.iterdir() if p.is_dir()}
-    for key in [k for k in sections if k in groups - {"recipe"} and isinstance(sections[k], str)]:
+    for key in [k for k in sections if k in _groups(root) - {"recipe"} and isinstance(sections[k], str)]:
         hydra_words.insert(0, f"{key}={sections.pop(key)}")  # `method: lora` picks a group option
     for key in chosen & set(sections):
         del sections[key]  # a group picked on the command line replaces the file's section
