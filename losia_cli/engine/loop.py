@@ -321,6 +321,7 @@ def _report(run: Run, in_sync: bool) -> dict:
     history, device = run.history, run.device
     timings = step_timings(history["step_time_s"], history["tokens"])
     summary = run.method.describe()
+    steps = max(1, run.total_steps - run.start_step)
     return {
         **summary,
         "total_steps": run.total_steps,
@@ -331,8 +332,10 @@ def _report(run: Run, in_sync: bool) -> dict:
         **run.method.report_extras(),
         "num_processes": run.world,
         "ranks_in_sync": in_sync,
-        # Bytes DDP all-reduced per optimizer step (this process's steps; None without DDP).
-        "grad_sync_bytes_per_step": run.grad_sync and run.grad_sync["bytes"] / max(1, run.total_steps - run.start_step),
+        # Bytes all-reduced per optimizer step (this process's steps; None without DDP).
+        "grad_sync_bytes_per_step": run.grad_sync and run.grad_sync["bytes"] / steps,
+        # Of those, what the method all-reduced itself (LoSiA's scoring layer's m x n gradient).
+        "method_sync_bytes_per_step": run.grad_sync and run.grad_sync["method_bytes"] / steps,
         "method_step_time_s": run.driver.method_time_s,
         "first_loss": history["loss"][0],
         "final_loss": history["loss"][-1],
