@@ -261,5 +261,5 @@ def commented_yaml(cfg: BaseModel, indent: str = "") -> str:
             lines.append(commented_yaml(value, indent + "  "))
         else:
             flow = yaml.safe_dump(values[name], default_flow_style=True, width=1 << 30, sort_keys=False)
-            lines.append(f"{indent}{name}: {flow.removesuffix(chr(10)).removesuffix(chr(10) + '...')}")
+            lines.append(f"{indent}{name}: {flow.strip().removesuffix('...').strip()}")  # a scalar ends in '...'
     return "\n".join(lines)

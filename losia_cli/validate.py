@@ -12,7 +12,6 @@ from rich.console import Console
 
 from losia_cli.config import RunConfig
 from losia_cli.data import build_dataset, render_samples
-from losia_cli.data.tasks import load_chat_template
 from losia_cli.models import ModelError, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
@@ -35,8 +34,6 @@ def validate_recipe(cfg: RunConfig, console: Console) -> None:
             return
         raise
     console.print(f"[green]ok[/] model {cfg.model.name_or_path} -> {resolved}")
-    if cfg.data.chat_template:  # as training will: the samples below are rendered with it
-        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     sources = cfg.data.source or ", ".join(s.source for s in cfg.data.sources)
     for split in ("train", "val"):
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split=split)

@@ -118,7 +118,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     # Data before weights: a bad data file is reported in seconds, not after loading a model.
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
-    if cfg.data.chat_template:  # before tokenizing; final/ then carries the template too
+    if cfg.data.chat_template:  # the data layer renders with it; on the tokenizer, final/ carries it for chat
         tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     with accelerator.main_process_first():
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
@@ -149,8 +149,8 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     model, driver = _optimizing(cfg, accelerator, model, method)
     run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, val=val,
               collate=collate, total_steps=total_steps,
-              save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records, schedule=schedule, method=method, model=model,
-              unwrapped=accelerator.unwrap_model(model), driver=driver,
+              save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
+              schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model), driver=driver,
               grad_sync=count_grad_sync_bytes(model, ctx.dist))
     if resume_from:
         state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)

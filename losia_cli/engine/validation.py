@@ -16,7 +16,8 @@ def mean_target_loss(model, data, collate, batch_size: int, n: int | None = None
     model.eval()
     total, targets = 0.0, 0
     for start in range(0, n, batch_size):
-        batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(n, start + batch_size))]).items()}
+        rows = [data[i] for i in range(start, min(n, start + batch_size))]
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
         labels = batch.pop("labels")
         total += token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
         targets += int((labels[:, 1:] != -100).sum())
