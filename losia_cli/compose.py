@@ -143,20 +143,23 @@ def compose(overrides: list[str], root: Path | None = None):
     hydra_words, settings = _split(overrides[1:] if file else overrides, root)
     sections = _read_config_file(file) if file else {}
     chosen = {w.split("=", 1)[0] for w in hydra_words}
-    for key in [k for k in sections if k in _groups(root) - {"recipe"} and isinstance(sections[k], str)]:
+    base = sections.pop("recipe", None)
+    if base is not None and "recipe" not in chosen:  # recipe=NAME on the command line wins
+        hydra_words.insert(0, f"recipe={base}")
+    for key in [k for k in sections if k in _groups(root) and isinstance(sections[k], str)]:
         hydra_words.insert(0, f"{key}={sections.pop(key)}")  # `method: lora` picks a group option
     for key in chosen & set(sections):
         del sections[key]  # a group picked on the command line replaces the file's section
-    unknown = [k for k in sections if k != "recipe" and not schema_has(k)]
+    unknown = [k for k in sections if not schema_has(k)]
     if unknown:
         raise ConfigError(f"{file}: unknown key '{unknown[0]}'")
-    if file and "recipe" not in sections:
+    if file and base is None and "recipe" not in chosen:
         if hydra_words:
-            raise UsageError(f"{file} names no `recipe:`, so it takes key=value settings only "
-                             f"(got {hydra_words[0]!r})")
+            raise UsageError(f"{file} names no `recipe:`, so groups cannot be picked "
+                             f"(got {hydra_words[0]!r}); set whole sections instead")
         cfg, recipe = OmegaConf.create(sections), None
     else:
-        cfg, recipe = _compose_tree([*([f"recipe={sections.pop('recipe')}"] if file else []), *hydra_words], root)
+        cfg, recipe = _compose_tree(hydra_words, root)
         OmegaConf.set_struct(cfg, False)
         cfg.merge_with(sections)
         OmegaConf.set_struct(cfg, True)

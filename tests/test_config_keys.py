@@ -133,3 +133,10 @@ def test_sweeps_set_schema_keys_the_yaml_leaves_out():
 
     assert sweep_words(["method=lora,full", "data.packing=true,false", "train.lr=1e-4", "bogus=1"]) == [
         "method=lora,full", "++data.packing=true,false", "++train.lr=1e-4", "bogus=1"]
+
+
+def test_recipe_on_the_command_line_replaces_the_files_base(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("recipe: smollm2_135m_math\ntrain: {lr: 3.0e-4}\n")
+    cfg = load_config([str(path), "recipe=gemma3_270m_math"], quiet=True)
+    assert cfg.recipe == "gemma3_270m_math" and cfg.train.lr == 3e-4
