@@ -28,13 +28,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # "package:smollm2-135m" | "package:gemma3-270m" | a local HF dir | a local .gguf | a hub id
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name_or_path: str
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype the weights are held in
+    """package:smollm2-135m | package:gemma3-270m | a local HF dir | a local .gguf | a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the weights are held in."""
     attn_implementation: str | None = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by some hub models)."""
 
 
 @dataclass(frozen=True)

@@ -158,10 +158,12 @@ def newest_intact(run_dir: Path, warn) -> Path | None:
     return None
 
 
-def save(run_dir: Path, step: int, accelerator, model, optimizer, method, trainer_state: dict, keep_last_n: int):
+def save(run_dir: Path, step: int, accelerator, model, optimizer, method, trainer_state: dict, keep_last_n: int,
+         name: str | None = None):
     """Collective: every rank calls it. Rank 0 writes the shared state; every rank its RNG and, under
-    ZeRO, its shard of the optimizer state. The dir is renamed into place once all parts are there."""
-    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    ZeRO, its shard of the optimizer state. The dir is renamed into place once all parts are there.
+    `name` (e.g. "best") saves outside the step-N rotation that keep_last_n prunes."""
+    final = Path(run_dir) / "checkpoints" / (name or f"step-{step}")
     main, rank = accelerator.is_main_process, accelerator.process_index
     zero = deepspeed_optimizer(accelerator)
     whole_model = whole_optimizer = None

@@ -26,6 +26,7 @@ from rich.markup import escape
 from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
+from losia_cli.data.tasks import load_chat_template
 from losia_cli.engine import checkpoint, rundir
 from losia_cli.engine.distributed import (
     AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
@@ -35,6 +36,7 @@ from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import BufferedRecords, RunRecords, step_timings
 from losia_cli.engine.step import StepDriver, build_optimizer
+from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
 from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
 from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
@@ -50,8 +52,10 @@ class Run:
     accelerator: Accelerator
     tokenizer: object
     data: object  # the tokenized dataset (data/dataset.py)
+    val: object | None  # the validation set (data.val_split / data.val_source), None without one
     collate: object
     total_steps: int
+    save_every: int | None  # train.save_every or its default (engine/validation.py)
     records: RunRecords | None  # on the main process only
     schedule: WarmupCosine
     method: Method
@@ -61,9 +65,10 @@ class Run:
     grad_sync: dict | None  # DDP's all-reduced bytes (engine/distributed.py)
     start_step: int = 0
     # Per-step history, kept in checkpoints so the report covers the whole of a resumed run.
-    history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": []})
+    history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": [], "val_loss": []})
     wall0: float = 0.0  # when the step loop started
     lock: rundir.RunLock | None = None  # rank 0's hold on the run dir, released when train() ends
+    stopped_early_at: int | None = None  # the step early stopping ended the run at
 
     @property
     def main(self) -> bool:
@@ -118,8 +123,11 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     # Data before weights: a bad data file is reported in seconds, not after loading a model.
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if cfg.data.chat_template:  # the data layer renders with it; on the tokenizer, final/ carries it for chat
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     with accelerator.main_process_first():
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
+        val = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split="val")
     collate = make_collator(cfg.data, tokenizer)
     set_seed(cfg.seed)
     # On its device before the method wraps it: LoSiA allocates its score buffers next to W.
@@ -151,14 +159,15 @@ def setup(cfg: RunConfig, console: Console) -> Run:
         records = RunRecords(cfg.run_dir()) if main else None
         if main:
             ctx.records = records
-        run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, collate=collate,
-                  total_steps=total_steps, records=records, schedule=schedule, method=method, model=model,
-                  unwrapped=accelerator.unwrap_model(model), driver=driver,
-                  grad_sync=count_grad_sync_bytes(model, ctx.dist), lock=lock)
+        run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, val=val,
+                  collate=collate, total_steps=total_steps,
+                  save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
+                  schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model),
+                  driver=driver, grad_sync=count_grad_sync_bytes(model, ctx.dist), lock=lock)
         if resume_from:
             state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
             run.start_step = state["step"]
-            run.history = state.get("history", run.history)
+            run.history = {**run.history, **state.get("history", {})}
         if main:
             # Drop what a killed run wrote past its checkpoint (all of it, with none to resume from);
             # a fresh start's initial records come from this prepare(), a resumed one's from the checkpoint.
@@ -263,14 +272,39 @@ def run_steps(run: Run) -> None:
                 }
                 run.records.metric(metrics)
                 progress.update(done, metrics)
+            stop_early = _validate(run, done)
             preempted = done < run.total_steps and bool(stops)
-            if preempted or (tc.save_every and done % tc.save_every == 0 and done < run.total_steps):
+            if preempted or (run.save_every and done % run.save_every == 0 and done < run.total_steps):
                 checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
                                 {"history": run.history}, tc.keep_last_n)
             if preempted:
                 progress.close()
                 raise Preempted(done)
+            if stop_early:
+                run.stopped_early_at = done
+                if run.main:
+                    run.console.print(f"early stopping at step {done}: no better validation loss in "
+                                      f"{tc.early_stopping_patience} validations")
+                break
     progress.close()
+
+
+def _validate(run: Run, done: int) -> bool:
+    """Validation loss every train.eval_every steps (default: the checkpoint interval) and at the end
+    -> metrics.jsonl; a new best is kept in checkpoints/best. Returns whether to stop early."""
+    tc = run.cfg.train
+    every = tc.eval_every or run.save_every or run.total_steps
+    if run.val is None or (done % every and done != run.total_steps):
+        return False
+    loss = mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size)  # every rank, in step
+    run.history["val_loss"].append([done, loss])
+    if run.main:
+        run.records.metric({"step": done, "val_loss": loss})
+    since_best = validations_since_best(run.history["val_loss"])
+    if since_best == 0 and run.save_every:  # no save_every: a dist that cannot checkpoint (zero3)
+        checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
+                        {"history": run.history}, tc.keep_last_n, name="best")
+    return bool(tc.early_stopping_patience) and since_best >= tc.early_stopping_patience
 
 
 def finish(run: Run) -> Path:
@@ -324,6 +358,9 @@ def _report(run: Run, in_sync: bool) -> dict:
         "method_step_time_s": run.driver.method_time_s,
         "first_loss": history["loss"][0],
         "final_loss": history["loss"][-1],
+        "val_loss": {"best": min(v for _, v in history["val_loss"]), "final": history["val_loss"][-1][1]}
+        if history["val_loss"] else None,
+        "stopped_early_at": run.stopped_early_at,
         "wall_s": time.perf_counter() - run.wall0,
         "data": run.data.stats,
     }

@@ -14,16 +14,21 @@ from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
 
 
 class PeftMethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: Literal["lora", "dora", "pissa"]
     rank: int = 8
-    alpha: float | None = None  # None: 2 * rank, the common choice
+    """Adapter rank r."""
+    alpha: float | None = None
+    """Adapter scale numerator (update scaled by alpha / r); null: 2 * rank, the common choice."""
     dropout: float = 0.0
-    target_modules: list[str] | str = LLAMA_PROJECTIONS  # as peft: names, a regex, or "all-linear"
-    pissa_niter: int | None = 16  # fast SVD iterations for PiSSA init; None = exact SVD
-    # fp32: peft's default, adapters upcast to fp32 under a bf16/fp16 base (more activation memory and
-    # traffic); base: adapters in the base weights' dtype (`lora_bf16` in bench, the fair baseline).
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | str = LLAMA_PROJECTIONS
+    """As peft: module names, a regex, or "all-linear"."""
+    pissa_niter: int | None = 16
+    """Fast SVD iterations for PiSSA init; null = exact SVD."""
     adapter_dtype: Literal["fp32", "base"] = "fp32"
+    """fp32: peft's default, adapters upcast to fp32 under a bf16/fp16 base (more activation memory and
+    traffic); base: adapters in the base weights' dtype (`lora_bf16` in bench, the fair baseline)."""
 
 
 class PeftMethod(Method):
