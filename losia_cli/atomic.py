@@ -63,18 +63,48 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# What marks a dir as a run dir losia wrote (a run, or a continual run's parent).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "continual.json")
+# The list of files an output dir (merge --out, report --out) was written with: replacing it may only
+# delete those, never a run dir or files someone put there since.
+WRITTEN = ".losia-written"
+
+
+def _files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()} - {WRITTEN}
+
+
+def foreign(out: Path) -> str | None:
+    """Why replacing `out` would lose something (a file, a run dir, files it was not written with), or None."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} is a file"
+    if any((out / name).exists() for name in RUN_FILES):
+        return f"{out} is a run dir"
+    written = set((out / WRITTEN).read_text().splitlines()) if (out / WRITTEN).is_file() else set()
+    others = sorted(_files_under(out) - written)
+    if not others:
+        return None
+    return f"{out} holds files losia did not write there ({others[0]}{', ...' if len(others) > 1 else ''})"
+
+
 @contextlib.contextmanager
-def directory(final: Path, *, overwrite: bool = False, shared: bool = False) -> Iterator[Path]:
+def directory(final: Path, *, overwrite: bool = False, shared: bool = False, listed: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `final`; rename it into place only if the block succeeds.
 
     `shared`: several processes may build the same `final` at once (a cache entry); each builds its
-    own copy and the first to finish wins, the others' copies are dropped."""
+    own copy and the first to finish wins, the others' copies are dropped. `listed`: record the files
+    in WRITTEN, so that `foreign()` allows replacing them later."""
     final = Path(final)
     tmp = temp_path_for(final, private=shared)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if listed:
+            (tmp / WRITTEN).write_text("".join(f"{name}\n" for name in sorted(_files_under(tmp))))
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,14 +32,147 @@ def hydra_message(exc: Exception) -> str:
     return text.strip().splitlines()[0]
 
 
+def is_config_file(word: str) -> bool:
+    """A one-file config: the first word of a command, a .yaml/.yml path instead of recipe=NAME."""
+    return "=" not in word and word.endswith((".yaml", ".yml"))
+
+
+def schema_has(key: str) -> bool:
+    """Whether a dotted key (`data.packing`, `stages.0.train.lr`, `data.column_map.q`) names a
+    field of the run schema, of any method's config, or a dict field's entry."""
+    from types import UnionType
+    from typing import Union, get_args
+
+    from pydantic import BaseModel
+
+    from losia_cli.config import RunConfig
+    from losia_cli.methods import config_classes
+
+    def models_in(annotation) -> list:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in get_args(annotation) for m in models_in(arg)]
+
+    def walk(annotation, parts: list[str]) -> bool:
+        if not parts:
+            return True
+        origin = get_origin(annotation)
+        if origin in (Union, UnionType):
+            return any(walk(arg, parts) for arg in get_args(annotation))
+        if origin is dict:
+            return len(parts) == 1
+        if origin is list:
+            return parts[0].isdigit() and walk(get_args(annotation)[0], parts[1:])
+        return any(walk(m.model_fields[parts[0]].annotation, parts[1:])
+                   for m in models_in(annotation) if parts[0] in m.model_fields)
+
+    head, *rest = key.split(".")
+    if head == "method":
+        return any(walk(cls, rest) for cls in config_classes())
+    return head in RunConfig.model_fields and walk(RunConfig.model_fields[head].annotation, rest)
+
+
+def _groups(root: Path) -> set[str]:
+    """The config groups of a recipe tree: model, data, method, train, dist, recipe."""
+    return {p.name for p in root.iterdir() if p.is_dir()}
+
+
+def _split(words: list[str], root: Path) -> tuple[list[str], list[str]]:
+    """Words Hydra composes (group choices, hydra.*, +/~ edits) and plain `key=value` settings,
+    which compose() applies itself so that every schema key is settable, present in a YAML or not."""
+    groups = _groups(root)
+    hydra_words, settings = [], []
+    for word in words:
+        key = word.split("=", 1)[0]
+        to_hydra = word.startswith(("+", "~")) or key in groups or key.startswith("hydra") or "=" not in word
+        (hydra_words if to_hydra else settings).append(word)
+    return hydra_words, settings
+
+
+def _apply_settings(cfg, settings: list[str]) -> None:
+    """`key=value` onto the composed config; a key neither composed nor in the schema is refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(settings)
+    except HydraException as e:
+        raise UsageError(hydra_message(e)) from None
+    missing = object()
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise UsageError(f"'{override.input_line}' is a sweep; run it with `losia train -m`")
+        if OmegaConf.select(cfg, key, default=missing) is missing and not schema_has(key):
+            raise UsageError(f"unknown key '{key}' (see `losia recipes cat` for the keys a recipe has)")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, override.value(), merge=True)
+
+
+def sweep_words(words: list[str], root: Path | None = None) -> list[str]:
+    """Hydra's own sweep launcher composes by itself: schema keys go as `++key=...` (set or add)."""
+    hydra_words, settings = _split(words, root or recipes_dir())
+    return [*hydra_words, *(f"++{w}" if schema_has(w.split("=", 1)[0]) else w for w in settings)]
+
+
+def _read_config_file(path: Path) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except (OmegaConfBaseException, ValueError) as e:  # yaml.YAMLError is a ValueError here
+        raise ConfigError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
 def compose(overrides: list[str], root: Path | None = None):
-    """Compose the recipe tree with overrides; returns (DictConfig, recipe name)."""
+    """Compose the recipe tree (or a one-file config) with overrides; returns (DictConfig, recipe name).
+
+    Order: recipe and groups (Hydra), then the config file's sections, then `key=value` settings. A
+    file that names `recipe:` starts from that recipe; one without stands alone (schema defaults)."""
+    from omegaconf import OmegaConf
+
+    root = root or recipes_dir()
+    file = Path(overrides[0]) if overrides and is_config_file(overrides[0]) else None
+    hydra_words, settings = _split(overrides[1:] if file else overrides, root)
+    sections = _read_config_file(file) if file else {}
+    chosen = {w.split("=", 1)[0] for w in hydra_words}
+    base = sections.pop("recipe", None)
+    if base is not None and "recipe" not in chosen:  # recipe=NAME on the command line wins
+        hydra_words.insert(0, f"recipe={base}")
+    for key in [k for k in sections if k in _groups(root) and isinstance(sections[k], str)]:
+        hydra_words.insert(0, f"{key}={sections.pop(key)}")  # `method: lora` picks a group option
+    for key in chosen & set(sections):
+        del sections[key]  # a group picked on the command line replaces the file's section
+    unknown = [k for k in sections if not schema_has(k)]
+    if unknown:
+        raise ConfigError(f"{file}: unknown key '{unknown[0]}'")
+    if file and base is None and "recipe" not in chosen:
+        if hydra_words:
+            raise UsageError(f"{file} names no `recipe:`, so groups cannot be picked "
+                             f"(got {hydra_words[0]!r}); set whole sections instead")
+        cfg, recipe = OmegaConf.create(sections), None
+    else:
+        cfg, recipe = _compose_tree(hydra_words, root)
+        OmegaConf.set_struct(cfg, False)
+        cfg.merge_with(sections)
+        OmegaConf.set_struct(cfg, True)
+    _apply_settings(cfg, settings)
+    return cfg, recipe
+
+
+def _compose_tree(overrides: list[str], root: Path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    root = root or recipes_dir()
     for item in overrides:
         if item.startswith("recipe=") and item.split("=", 1)[1] not in recipe_names(root):
             raise UsageError(
@@ -51,8 +184,7 @@ def compose(overrides: list[str], root: Path | None = None):
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
         except HydraException as e:
             raise UsageError(hydra_message(e)) from None
-    recipe = cfg.hydra.runtime.choices.get("recipe")
-    return cfg, recipe
+    return cfg, cfg.hydra.runtime.choices.get("recipe")
 
 
 def load_config(overrides: list[str], root: Path | None = None, quiet: bool = False):
@@ -66,8 +198,8 @@ def load_config(overrides: list[str], root: Path | None = None, quiet: bool = Fa
 
     cfg, recipe = compose(overrides, root)
     with open_dict(cfg):
-        del cfg["hydra"]
-        cfg.recipe = recipe
+        cfg.pop("hydra", None)
+        cfg.recipe = cfg.get("recipe") or recipe
     notes: list[str] = []
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)

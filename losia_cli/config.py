@@ -6,6 +6,7 @@ key and type, so a typo or a wrong type is one clear line naming the key instead
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,28 +21,53 @@ from losia_cli.models import ModelConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class TrainConfig(_Strict):
-    max_steps: int | None = Field(None, gt=0)  # wins over epochs when both are set
+    """How long and how to optimize (recipes/train/*.yaml)."""
+
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train; wins over epochs when both are set."""
     epochs: float | None = Field(None, gt=0)
+    """Passes over the training data (fractions allowed)."""
     micro_batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
+    """Samples per forward/backward pass (per process)."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
     lr: float = Field(1e-4, gt=0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     warmup_ratio: float = Field(0.1, ge=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor as a fraction of lr
-    max_grad_norm: float | None = 1.0  # None disables clipping
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; weights keep model.dtype
+    """Linear warmup as a fraction of the optimizer steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine floor as a fraction of lr."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; null disables clipping."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 = autocast; weights keep model.dtype."""
     activation_checkpointing: bool = False
+    """Recompute activations in backward: less memory, more compute."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU."""
     log_every: int = Field(1, gt=0)
-    save_every: int | None = Field(None, gt=0)  # checkpoint every N optimizer steps
+    """Write a metrics.jsonl row every N optimizer steps."""
+    save_every: int | None = Field(None, gt=0)
+    """Checkpoint every N optimizer steps; null: about every 10% of the run (at most every 500 steps)."""
     keep_last_n: int = Field(2, gt=0)
-    num_threads: int | None = None  # CPU intra-op threads; None = torch default
+    """Periodic checkpoints kept on disk (older ones are deleted)."""
+    eval_every: int | None = Field(None, gt=0)
+    """Validation loss every N optimizer steps (needs data.val_split or data.val_source); null: at the
+    checkpoint interval."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many validations without a new best validation loss; null: never stop early."""
+    num_threads: int | None = None
+    """CPU intra-op threads; null = torch default."""
 
     @model_validator(mode="after")
     def _length(self):
@@ -50,13 +76,35 @@ class TrainConfig(_Strict):
         return self
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
 class RunSection(_Strict):
-    name: str | None = None  # default: <recipe>-<method>-<timestamp>
+    """Where the run directory goes, resuming, and where metrics are logged."""
+
+    name: str | None = None
+    """Run directory name under output_dir (one safe dir name: letters, digits, _ . + = -);
+    null: <recipe>-<method>-<timestamp>."""
     output_dir: str = "runs"
-    resume: str | None = None  # "auto" = latest complete checkpoint of this run dir, or a path
-    overwrite: bool = False  # reuse an existing run dir that holds a finished run
-    loggers: list[Literal["tensorboard", "wandb"]] = []  # metrics.jsonl also goes to these
+    """Where run directories are created."""
+    resume: str | None = None
+    """auto = latest complete checkpoint of this run dir, or a checkpoint path."""
+    overwrite: bool = False
+    """Reuse an existing run dir that holds a finished run."""
+    loggers: list[Literal["tensorboard", "wandb"]] = []
+    """metrics.jsonl also goes to these."""
     wandb_project: str = "losia"
+    """Weights & Biases project when loggers has wandb."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        # The run dir is output_dir/name and run.overwrite deletes it: a name must not reach outside
+        # (`.`, `..`, `a/../b`) or need quoting in a shell or #SBATCH line (spaces, `$`).
+        if name is not None and not _SAFE_NAME.fullmatch(name):
+            raise ValueError("must be one directory name of letters, digits and _ . + = - "
+                             "(not starting with .)")
+        return name
 
     @field_validator("loggers")
     @classmethod
@@ -94,14 +142,21 @@ class DistConfig(_Strict):
     """
 
     name: Literal["single", "ddp", "fsdp", "zero2", "zero3"] = "single"
-    num_processes: int = Field(1, gt=0)  # in total, over all machines
-    offload: bool = False  # ZeRO: optimizer state (and, for zero3, parameters) in CPU memory
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    """Strategy: one process, DDP, FSDP, or DeepSpeed ZeRO stage 2/3."""
+    num_processes: int = Field(1, gt=0)
+    """Processes in total, over all machines."""
+    offload: bool = False
+    """ZeRO: optimizer state (and, for zero3, parameters) in CPU memory."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: nccl on CUDA, gloo on CPU."""
     num_machines: int = Field(1, gt=0)
+    """Machines (nodes) taking part."""
     machine_rank: int = Field(0, ge=0)
+    """This machine's index (filled in by `losia slurm`)."""
     main_process_ip: str | None = None
-    # None: a free port on one machine (two runs on one box must not collide), 29500 across machines.
+    """The first node's address when num_machines > 1."""
     main_process_port: int | None = Field(None, gt=0, lt=65536)
+    """null: a free port on one machine (two runs on one box must not collide), 29500 across machines."""
 
     @property
     def deepspeed(self) -> bool:
@@ -128,15 +183,19 @@ class DistConfig(_Strict):
 
 class RunConfig(_Strict):
     recipe: str | None = None
+    """The recipe this config starts from (recipes/recipe/<name>.yaml)."""
     seed: int = 42
+    """Seed of model init, data order and sampling."""
     model: ModelConfig
     data: DataConfig
     method: MethodConfig
+    """The fine-tuning method (recipes/method/*.yaml); its `name` picks the method's own keys."""
     train: TrainConfig
     run: RunSection = RunSection()
     dist: DistConfig = DistConfig()
     eval: EvalConfig = EvalConfig()
-    stages: list[StageConfig] | None = None  # continual learning: train these in sequence
+    stages: list[StageConfig] | None = None
+    """Continual learning: train these in sequence."""
 
     @model_validator(mode="after")
     def _dist_supports_method(self):
@@ -196,3 +255,26 @@ def validate(cfg: DictConfig | dict, notes: list[str] | None = None) -> RunConfi
         return RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+
+
+def commented_yaml(cfg: BaseModel, indent: str = "") -> str:
+    """`cfg` as YAML with each field's description above it (`losia recipes cp NAME my.yaml`)."""
+    import textwrap
+
+    import yaml
+
+    values, lines = cfg.model_dump(mode="json"), []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        doc = field.description or (type(value).__doc__ if isinstance(value, BaseModel) else None)
+        if doc:
+            lines += [""] if lines else []
+            lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=f"{indent}# ",
+                                   subsequent_indent=f"{indent}# ")
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines.append(commented_yaml(value, indent + "  "))
+        else:
+            flow = yaml.safe_dump(values[name], default_flow_style=True, width=1 << 30, sort_keys=False)
+            lines.append(f"{indent}{name}: {flow.strip().removesuffix('...').strip()}")  # a scalar ends in '...'
+    return "\n".join(lines)

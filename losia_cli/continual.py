@@ -31,7 +31,7 @@ from losia_cli.config import ConfigError, RunConfig, StageConfig, format_validat
 from losia_cli.engine import checkpoint
 from losia_cli.engine.loop import train
 from losia_cli.engine.rundir import continual_start, name_run
-from losia_cli.engine.step import token_loss_sum
+from losia_cli.engine.validation import mean_target_loss
 from losia_cli.merge import merge
 from losia_cli.methods import exports_adapter
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
@@ -60,7 +60,8 @@ def stage_config(cfg: RunConfig, index: int, weights: str) -> RunConfig:
     raw["data"].update(stage.data.model_dump(exclude_unset=True))
     raw["train"].update(stage.train.model_dump(exclude_unset=True))
     raw["model"] = _model_at(cfg, weights).model_dump()
-    raw["run"]["name"] = f"{cfg.run.name}/{stage_dir(cfg, index).name}"
+    # The same dir as output_dir/name/stage-..., with run.name one plain dir name as everywhere.
+    raw["run"].update(output_dir=str(cfg.run_dir()), name=stage_dir(cfg, index).name)
     raw["eval"]["after_train"] = False  # the orchestrator evaluates, on the seen tasks
     raw["stages"] = None
     try:
@@ -108,7 +109,6 @@ def headline(metrics: dict[str, float]) -> str:
     return next((m for m in PRIMARY_METRICS if m in metrics), next(iter(metrics)))
 
 
-@torch.no_grad()
 def data_loss(model, tokenizer, data_cfg, n: int, batch_size: int) -> float:
     """Mean target-token loss on the first n training samples of a stage: a finer forgetting signal
     than accuracy when a small model's scores sit near zero."""
@@ -116,17 +116,7 @@ def data_loss(model, tokenizer, data_cfg, n: int, batch_size: int) -> float:
     from losia_cli.resources import cache_dir
 
     data = build_dataset(data_cfg, tokenizer, cache_dir=cache_dir() / "data")
-    collate = make_collator(data_cfg, tokenizer)
-    device = next(model.parameters()).device
-    n = min(n, len(data))
-    total, targets = 0.0, 0
-    for start in range(0, n, batch_size):
-        rows = [data[i] for i in range(start, min(n, start + batch_size))]
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        labels = batch.pop("labels")
-        total += token_loss_sum(model(**batch, use_cache=False).logits, labels).item()
-        targets += int((labels[:, 1:] != -100).sum())
-    return total / max(targets, 1)
+    return mean_target_loss(model, data, make_collator(data_cfg, tokenizer), batch_size, n)
 
 
 def _evaluate(cfg: RunConfig, weights: str, specs: list[str], stage_cfgs: list[RunConfig], out_dir: Path,

@@ -26,6 +26,8 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not force:
         raise MergeError(f"{out} already exists; pass --force to replace it")
+    if reason := atomic.foreign(out):
+        raise MergeError(f"--out: {reason}; not replacing it, choose another --out")
     model, tokenizer, reference = load_run_model(run_dir)
     # Cast the weights only: buffers such as rotary `inv_freq` stay fp32, as from_pretrained keeps them.
     for param in model.parameters():
@@ -37,7 +39,7 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5
     with torch.no_grad():
         logits = model(tokens).logits
 
-    with atomic.directory(out, overwrite=force) as tmp:
+    with atomic.directory(out, overwrite=force, listed=True) as tmp:
         model.save_pretrained(tmp, max_shard_size=shard_size)
         tokenizer.save_pretrained(tmp)
         reloaded = load_plain(tmp, DTYPES[dtype]).eval()

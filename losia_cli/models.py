@@ -28,13 +28,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # "package:smollm2-135m" | "package:gemma3-270m" | a local HF dir | a local .gguf | a hub id
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name_or_path: str
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype the weights are held in
+    """package:smollm2-135m | package:gemma3-270m | a local HF dir | a local .gguf | a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the weights are held in."""
     attn_implementation: str | None = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by some hub models)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not (path / "config.json").exists():
             raise ModelError(f"model dir {path} has no config.json")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    # `runs/nope` is a missing local path, not a hub id: its first part is a dir here.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (path.parent.name and path.parent.is_dir()):
         raise ModelError(f"model path not found: {name}")
     return name  # a hub id
 
@@ -197,7 +202,10 @@ def load_run_model(run_dir: Path):
     from peft import PeftModel
 
     base = load_plain(Path(resolve_model_path(ModelConfig(**config["model"]))))
-    adapted = PeftModel.from_pretrained(base, final)
+    try:
+        adapted = PeftModel.from_pretrained(base, final)
+    except Exception as e:  # a truncated or damaged adapter: safetensors and peft raise many types
+        raise MergeError(f"cannot read the adapter in {final}: {str(e).splitlines()[0]}") from None
     with torch.no_grad():
         reference = adapted(probe_tokens(base)).logits  # the adapter model, before folding
     return adapted.merge_and_unload(), tokenizer, reference

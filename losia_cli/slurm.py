@@ -81,6 +81,11 @@ def _check_options(opts: SlurmOptions) -> None:
 
 
 def _recipe_override(recipe: str) -> str:
+    """recipe=NAME, or a one-file config by its absolute path (the job may start elsewhere)."""
+    from losia_cli.compose import is_config_file
+
+    if is_config_file(recipe):
+        return str(Path(recipe).resolve())
     return recipe if recipe.startswith("recipe=") else f"recipe={recipe}"
 
 

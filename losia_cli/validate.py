@@ -34,8 +34,11 @@ def validate_recipe(cfg: RunConfig, console: Console) -> None:
             return
         raise
     console.print(f"[green]ok[/] model {cfg.model.name_or_path} -> {resolved}")
-    data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
-    console.print(f"[green]ok[/] data {cfg.data.source}: {data.stats}")
+    sources = cfg.data.source or ", ".join(s.source for s in cfg.data.sources)
+    for split in ("train", "val"):
+        data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split=split)
+        if data is not None:
+            console.print(f"[green]ok[/] data {sources} ({split}): {data.stats}")
     for i, sample in enumerate(render_samples(cfg.data, tokenizer, n=2), start=1):
         console.rule(f"sample {i} (dim = masked prompt, bold = trained target)")
         console.print(sample)

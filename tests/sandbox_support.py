@@ -42,12 +42,12 @@ os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
 """ % (NOBODY, NOBODY)
 
 _EVALUATE = r"""
-import json, os, sys
+import dataclasses, json, os, sys
 from losia_cli.eval.sandbox import run_code
 program, kwargs, secret = json.loads(sys.stdin.read())
 os.environ["LOSIA_TEST_SECRET"] = secret
 result = run_code(program.replace("EVALUATOR_PID", str(os.getpid())), allow_code_exec=True, **kwargs)
-print(json.dumps(result.to_dict()))
+print(json.dumps(dataclasses.asdict(result)))
 """
 
 
@@ -68,6 +68,4 @@ def run_as(user: str, program: str, tmpdir: str = "/tmp", **kwargs) -> ExecResul
     proc = subprocess.run(cmd, input=json.dumps([program, kwargs, SECRET]), capture_output=True, text=True,
                           env=env, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    fields = json.loads(proc.stdout)
-    fields.pop("passed")
-    return ExecResult(**fields)
+    return ExecResult(**json.loads(proc.stdout))

@@ -59,7 +59,8 @@ def test_continual_recipe_composes_into_valid_stage_configs(method):
     stages = [stage_config(cfg, i, cfg.model.name_or_path) for i in range(3)]
     assert [s.data.task for s in stages] == ["gsm8k", "mbpp", "siqa"]
     assert stages[2].data.train_on_input and not stages[1].data.train_on_input  # merged on the base
-    assert [s.run.name for s in stages] == ["cont/stage-1-math", "cont/stage-2-code", "cont/stage-3-commonsense"]
+    assert [s.run_dir().as_posix() for s in stages] == [
+        "runs/cont/stage-1-math", "runs/cont/stage-2-code", "runs/cont/stage-3-commonsense"]
     assert all(s.stages is None and not s.eval.after_train and s.method.name == method for s in stages)
     assert stage_config(cfg, 1, "/w/stage1").model.name_or_path == "/w/stage1"
 

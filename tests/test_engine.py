@@ -71,10 +71,9 @@ def test_lora_final_is_an_adapter(tiny_config):
     assert 0 < report["trainable_params"] < report["total_params"] / 10
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "losia_pro"])
-def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, method):
-    common = (f"method={method}", "train.max_steps=5", "train.save_every=2", "train.warmup_ratio=0.2")
-    straight = train(tiny_config("straight", *common))
+def crash_then_resume(make_config, tmp_path, monkeypatch, *common):
+    """Train straight; train again, crashing in the 4th micro-batch, and resume: (straight, resumed) dirs."""
+    straight = train(make_config("straight", *common))
 
     real_loss, calls = step_driver.token_loss_sum, {"n": 0}
 
@@ -86,12 +85,17 @@ def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, meth
 
     monkeypatch.setattr(step_driver, "token_loss_sum", crash_on_fourth_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_config("resumed", *common))
+        train(make_config("resumed", *common))
     run_dir = tmp_path / "resumed"
     assert not (run_dir / "report.json").exists() and not (run_dir / "final").exists()
     monkeypatch.setattr(step_driver, "token_loss_sum", real_loss)
-    train(tiny_config("resumed", *common, "run.resume=auto"))
+    return straight, train(make_config("resumed", *common, "run.resume=auto"))
 
+
+@pytest.mark.parametrize("method", ["full", "lora", "losia_pro"])
+def test_crash_then_resume_is_bit_exact(tiny_config, tmp_path, monkeypatch, method):
+    common = (f"method={method}", "train.max_steps=5", "train.save_every=2", "train.warmup_ratio=0.2")
+    straight, run_dir = crash_then_resume(tiny_config, tmp_path, monkeypatch, *common)
     a, b = final_weights(straight), final_weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]

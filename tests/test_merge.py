@@ -86,7 +86,7 @@ def test_clear_errors_for_unfinished_or_corrupt_runs(full_run, tmp_path):
     ids=["tensor", "logits"],
 )
 def test_merge_refuses_a_copy_that_reloads_differently(full_run, tmp_path, monkeypatch, damage, message):
-    real_load = merge_module._load_plain
+    real_load = merge_module.load_plain
 
     def load_damaged_copy(path, dtype=torch.float32):
         model = real_load(path, dtype)
@@ -95,7 +95,7 @@ def test_merge_refuses_a_copy_that_reloads_differently(full_run, tmp_path, monke
                 damage(model)
         return model
 
-    monkeypatch.setattr(merge_module, "_load_plain", load_damaged_copy)
+    monkeypatch.setattr(merge_module, "load_plain", load_damaged_copy)
     with pytest.raises(MergeError, match=f"verification failed: .*{message}"):
         merge(full_run, tmp_path / "out")
     assert not (tmp_path / "out").exists()

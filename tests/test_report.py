@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from losia_cli.cli import main
+from losia_cli.errors import ReportError
 from losia_cli.report import build_report
 from losia_cli.report.figures import occupancy
 
@@ -95,13 +96,15 @@ def test_single_losia_run(tmp_path):
                                         "grad_norm.png", "subnet_self_attn_q_proj.png",
                                         "subnet_mlp_down_proj.png"})
     for value in ("123,456", "12.35%", "72.0 MiB", "0.543", "0.679", "941.3",
-                  "321.0 MiB", "1.25", f"{report['final_loss']:.4f}", "61.5", "package:smollm2-135m",
+                  "321.0 MiB", "1.25", f"{report['final_loss']:.4f}", "1.0 min", "package:smollm2-135m",
                   "x86_64 CPU, 2 threads", "torch 2.13.0", "0123456789ab", "losia_pro"):
         assert value in html, value
-    # Reporting again replaces the previous report.
-    (run / "report" / "stale.png").write_bytes(b"x")
+    # Reporting again replaces the previous report, but never a file someone added to it.
     build_report([run])
-    assert not (run / "report" / "stale.png").exists()
+    (run / "report" / "mine.png").write_bytes(b"x")
+    with pytest.raises(ReportError, match="holds files losia did not write there"):
+        build_report([run])
+    assert (run / "report" / "mine.png").exists()
 
 
 def test_occupancy_weights_blocks_by_how_long_they_trained():
@@ -172,7 +175,7 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data.txt").write_text("keep me")
     assert main(["report", str(run), "--out", str(tmp_path / "precious")]) == 2
-    assert "is not a losia report dir" in capsys.readouterr().err
+    assert "holds files losia did not write there (data.txt)" in capsys.readouterr().err
     assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
 
 
@@ -213,3 +216,24 @@ def test_report_on_a_real_tiny_losia_pro_run(tiny_config):
     expected |= {"subnet_" + re.sub(r"[^A-Za-z0-9]+", "_", k) + ".png" for k in kinds}
     html = assert_pngs(out, expected)
     assert f"{report['final_loss']:.4f}" in html and f"{report['trainable_params']:,}" in html
+
+
+def test_report_shows_validation_eval_data_and_folds_subnet_figures(tmp_path):
+    run, _ = write_run(tmp_path, "valrun")
+    with (run / "metrics.jsonl").open("a") as f:  # the engine's validation rows carry only val_loss
+        f.writelines(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in ((6, 1.5), (12, 1.25)))
+    report = json.loads((run / "report.json").read_text())
+    report["data"] = {"n_rows": 64, "n_samples": 60, "n_tokens": 7194, "mixture": [["bundled:a", 45], ["bundled:b", 15]]}
+    report["wall_s"] = 5400.0
+    (run / "report.json").write_text(json.dumps(report))
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps(
+        {"tasks": {"gsm8k": {"metrics": {"exact_match": 0.125}, "stderr": {"exact_match": 0.05}, "n": 8}}}))
+    html = (build_report([run])).read_text()
+    assert "<td>1.2500</td>" in html  # best validation loss in the summary
+    assert "<td>1.50 h</td>" in html  # wall time in hours
+    assert "<h2>Evaluation: valrun" in html and "<td>exact_match</td><td>0.1250</td><td>0.0500</td><td>8</td>" in html
+    assert "<td>mixture: bundled:b</td><td>15</td>" in html and "<td>tokens</td><td>7,194</td>" in html
+    details = html.index("<details>")
+    assert html.index("loss.png") < html.index("memory.png") < details < html.index("subnet_self_attn_q_proj.png")
+    assert html.index("churn.png") > details

@@ -409,3 +409,10 @@ def test_dockerfile_installs_torch_first_then_the_package_under_constraints():
     assert all("-c constraints.txt" in cmd for cmd in installs[1:]) and len(installs) >= 2
     assert any(re.search(r"\.\[[^\]]*slurm", cmd) for cmd in installs[1:])
     assert re.search(r'^ENTRYPOINT \["losia"\]', text, flags=re.M)
+
+
+def test_a_one_file_config_goes_to_the_job_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", "cp", "smollm2_135m_math", "my.yaml"]) == 0
+    words, cfg, _ = prepare("my.yaml", ["train.max_steps=3"], _options())
+    assert words[0] == str(tmp_path / "my.yaml") and cfg.train.max_steps == 3 and cfg.recipe == "smollm2_135m_math"

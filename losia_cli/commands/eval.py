@@ -36,6 +36,7 @@ def run(args) -> int:
     from losia_cli.eval.command import load_target, run_eval
 
     cfg = parse_options(args.options, EvalConfig)
+    cfg.require_work()
     if args.baseline and cfg.backend == "lm_eval":
         raise UsageError("--baseline works with the native backend only (backend=native)")
     model, tokenizer, identity, out_dir = load_target(args.target)

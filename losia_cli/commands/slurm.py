@@ -12,6 +12,7 @@ examples:
   losia slurm llama2_7b_math method=lora --nodes 2 --gpus-per-node 8 --time 12:00:00 --partition gpu --submit
   losia slurm gemma2b_math dist=zero2 run.name=g2b --nodes 4 --gpus-per-node 4 --time 2-00:00:00 --submit
   losia slurm smollm2_135m_math --nodes 1 --gpus-per-node 0 --cpus-per-task 8 --time 30:00   # a CPU job
+  losia slurm my.yaml --nodes 2 --gpus-per-node 8 --time 12:00:00   # a one-file config (losia recipes cp)
 A requeued job (time limit, preemption) resumes the same run dir from its latest checkpoint.
 """
 
@@ -19,7 +20,7 @@ A requeued job (time limit, preemption) resumes the same run dir from its latest
 def add_parser(subparsers) -> None:
     p = command_parser(subparsers, "slurm", "write (and --submit) an sbatch job that trains a recipe on N nodes, "
                        "requeue-safe", EXAMPLES, run)
-    p.add_argument("recipe", help="recipe name (as in recipe=NAME)")
+    p.add_argument("recipe", help="recipe name (as in recipe=NAME) or a one-file config (my.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for losia train")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="0 for a CPU job")

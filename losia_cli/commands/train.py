@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from losia_cli.commands.common import add_recipes_option, command_parser, console, print_error
-from losia_cli.compose import load_config
-from losia_cli.errors import LosiaError
+from losia_cli.compose import is_config_file, load_config, sweep_words
+from losia_cli.errors import LosiaError, UsageError
 from losia_cli.resources import recipes_dir
 
 EXAMPLES = """\
@@ -16,6 +16,7 @@ examples:
   losia train recipe=smollm2_135m_math method=lora train.max_steps=20
   losia train recipe=gemma2b_math method.rank_factor=0.25 train.lr=5e-5
   losia train recipe=smollm2_135m_math run.name=demo run.resume=auto
+  losia train my.yaml train.lr=3e-4                  # a one-file config (losia recipes cp NAME my.yaml)
   losia train -m method=losia_pro,lora,full train.max_steps=10   # a sweep, one run per method
   losia train recipe=llama2_7b_math dist=zero2 dist.num_processes=8   # relaunches through accelerate
   losia train recipe=smollm2_135m_continual method=lora            # continual: stages in sequence
@@ -57,8 +58,10 @@ def _multirun(args) -> int:
 
     from losia_cli.engine.rundir import timestamp
 
+    if args.overrides and is_config_file(args.overrides[0]):
+        raise UsageError("sweeps (-m) compose recipes: use recipe=NAME (or --recipes DIR), not a config file")
     root = (args.recipes or recipes_dir()).resolve()
-    sys.argv = ["losia", "-m", *args.overrides]
+    sys.argv = ["losia", "-m", *sweep_words(args.overrides, args.recipes)]
     # The stamp is taken once, here: a sweep job that submitit requeues (it pickles the task) gets
     # the same run name again and, with run.resume=auto, continues its own run dir.
     task = SweepJob(timestamp(), args.recipes)

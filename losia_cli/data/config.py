@@ -8,7 +8,7 @@ from typing import Literal
 import pydantic
 
 
-class MixtureSource(pydantic.BaseModel, extra="forbid"):
+class MixtureSource(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=True):
     """One entry of `data.sources`; a key left unset takes its value from the `data:` section."""
 
     source: str
@@ -26,7 +26,7 @@ class MixtureSource(pydantic.BaseModel, extra="forbid"):
     encoding: str | None = None
 
 
-class DataConfig(pydantic.BaseModel, extra="forbid"):
+class DataConfig(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=True):
     """What to train on and how to turn it into token sequences.
 
     Every field that changes the tokenized result is part of the cache key (see `cache.py`);

@@ -1,8 +1,9 @@
 """Resumable checkpoints: checkpoints/step-N/ holds everything to continue bit-exactly.
 
-A checkpoint is written into a temp dir and renamed into place, so `latest()` only ever sees
+A checkpoint is written into a temp dir, fsynced and renamed into place, so `latest()` only ever sees
 complete ones (a crash mid-write leaves only a `.step-N.tmp` dir, which it ignores); older ones beyond
-`keep_last_n` are pruned after a new one lands.
+`keep_last_n` are pruned after a new one lands. Its manifest.json lists every file's size and sha256:
+`newest_intact()` skips a checkpoint the disk has since damaged, with a warning, for the one before.
 
 Under FSDP, rank 0 writes the weights and the optimizer state gathered whole (torch.distributed.checkpoint's
 full state dicts), and every rank takes its shards back from them on resume.
@@ -10,6 +11,7 @@ full state dicts), and every rank takes its shards back from them on resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -35,6 +37,7 @@ from losia_cli.config import ConfigError
 from losia_cli.engine.distributed import deepspeed_optimizer
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def _rng_state() -> dict:
@@ -115,10 +118,52 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(run_dir: Path, step: int, accelerator, model, optimizer, method, trainer_state: dict, keep_last_n: int):
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """manifest.json: the size and sha256 of every file of the checkpoint dir `ckpt`."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why the checkpoint dir `ckpt` cannot be trusted (a missing, truncated or altered file), or None.
+    One without a manifest was written before checkpoints had one: it is taken as it is."""
+    if not (ckpt / MANIFEST).exists():
+        return None
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in manifest.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact(run_dir: Path, warn) -> Path | None:
+    """The newest checkpoint whose files match its manifest; `warn(line)` about each one skipped."""
+    for _, path in reversed(checkpoints(run_dir)):
+        reason = damage(path)
+        if reason is None:
+            return path
+        warn(f"checkpoint {path} is damaged ({reason}); trying the one before")
+    return None
+
+
+def save(run_dir: Path, step: int, accelerator, model, optimizer, method, trainer_state: dict, keep_last_n: int,
+         name: str | None = None):
     """Collective: every rank calls it. Rank 0 writes the shared state; every rank its RNG and, under
-    ZeRO, its shard of the optimizer state. The dir is renamed into place once all parts are there."""
-    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    ZeRO, its shard of the optimizer state. The dir is renamed into place once all parts are there.
+    `name` (e.g. "best") saves outside the step-N rotation that keep_last_n prunes."""
+    final = Path(run_dir) / "checkpoints" / (name or f"step-{step}")
     main, rank = accelerator.is_main_process, accelerator.process_index
     zero = deepspeed_optimizer(accelerator)
     whole_model = whole_optimizer = None
@@ -141,6 +186,7 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
             state = {**trainer_state, "step": step, "world_size": accelerator.num_processes,
                      "sharded": whole_model is not None}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            write_manifest(tmp)  # last: every rank's files are in by now
     if main:
         for _, old in checkpoints(run_dir)[:-keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)

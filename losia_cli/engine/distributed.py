@@ -139,7 +139,7 @@ def count_grad_sync_bytes(model, dist: Distributed | None = None) -> dict | None
 
     if not isinstance(model, DistributedDataParallel):
         return None
-    counter = {"bytes": 0}
+    counter = {"bytes": 0, "method_bytes": 0}
 
     def counting_allreduce(process_group, bucket):
         counter["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
@@ -151,6 +151,7 @@ def count_grad_sync_bytes(model, dist: Distributed | None = None) -> dict | None
 
         def counting_all_reduce_sum(tensor: torch.Tensor) -> None:
             counter["bytes"] += tensor.numel() * tensor.element_size()
+            counter["method_bytes"] += tensor.numel() * tensor.element_size()
             all_reduce_sum(tensor)
 
         dist.all_reduce_sum = counting_all_reduce_sum

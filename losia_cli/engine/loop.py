@@ -21,21 +21,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
+from rich.markup import escape
 
 from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
-from losia_cli.engine import checkpoint
+from losia_cli.data.tasks import load_chat_template
+from losia_cli.engine import checkpoint, rundir
 from losia_cli.engine.distributed import (
     AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
 )
 from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
-from losia_cli.engine.records import RunRecords, step_timings
-from losia_cli.engine.rundir import name_run, resume_point
+from losia_cli.engine.records import BufferedRecords, RunRecords, step_timings
 from losia_cli.engine.step import StepDriver, build_optimizer
-from losia_cli.methods import Method, Records, TrainContext, WarmupCosine, build_method
+from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
+from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
 from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
@@ -50,8 +52,10 @@ class Run:
     accelerator: Accelerator
     tokenizer: object
     data: object  # the tokenized dataset (data/dataset.py)
+    val: object | None  # the validation set (data.val_split / data.val_source), None without one
     collate: object
     total_steps: int
+    save_every: int | None  # train.save_every or its default (engine/validation.py)
     records: RunRecords | None  # on the main process only
     schedule: WarmupCosine
     method: Method
@@ -61,8 +65,10 @@ class Run:
     grad_sync: dict | None  # DDP's all-reduced bytes (engine/distributed.py)
     start_step: int = 0
     # Per-step history, kept in checkpoints so the report covers the whole of a resumed run.
-    history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": []})
+    history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": [], "val_loss": []})
     wall0: float = 0.0  # when the step loop started
+    lock: rundir.RunLock | None = None  # rank 0's hold on the run dir, released when train() ends
+    stopped_early_at: int | None = None  # the step early stopping ended the run at
     last_targets: int = 0  # target tokens of the last step read back (metrics)
 
     @property
@@ -92,8 +98,12 @@ class Run:
 
 def train(cfg: RunConfig, console: Console | None = None) -> Path:
     run = setup(cfg, console or Console(soft_wrap=True))
-    run_steps(run)
-    return finish(run)
+    try:
+        run_steps(run)
+        return finish(run)
+    finally:
+        if run.lock:
+            run.lock.release()
 
 
 def setup(cfg: RunConfig, console: Console) -> Run:
@@ -107,15 +117,18 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     # process-wide singleton that refuses a second run with another precision (sweeps, tests).
     accelerator = make_accelerator(cfg)
     main, world = accelerator.is_main_process, accelerator.num_processes
-    cfg = name_run(cfg)
-    resume_from = resume_point(cfg) if main else None
-    resume_from = broadcast_object_list([str(resume_from or "")])[0]  # rank 0 decides for all
+    cfg = rundir.name_run(cfg)
+    if main:
+        rundir.check(cfg)  # refusals only: nothing is created or deleted before the checks below
 
     # Data before weights: a bad data file is reported in seconds, not after loading a model.
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+    if cfg.data.chat_template:  # the data layer renders with it; on the tokenizer, final/ carries it for chat
+        tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
     with accelerator.main_process_first():
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
+        val = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split="val")
     collate = make_collator(cfg.data, tokenizer)
     set_seed(cfg.seed)
     # On its device before the method wraps it: LoSiA allocates its score buffers next to W.
@@ -128,28 +141,45 @@ def setup(cfg: RunConfig, console: Console) -> Run:
         )
     micro_per_epoch = len(data) // (tc.micro_batch_size * world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_per_epoch / tc.grad_accum))
-    records = RunRecords(cfg.run_dir()) if main else None
     schedule = WarmupCosine(total_steps, int(tc.warmup_ratio * total_steps), tc.min_lr_ratio)
-    # A resumed run's initial blocks are in subnets.jsonl already (and the checkpoint replaces them):
-    # the records start after prepare() then.
+    # The method's initial records (LoSiA's step-0 subnets) wait until the run dir is claimed.
+    initial = BufferedRecords()
     ctx = TrainContext(schedule=schedule, total_steps=total_steps, grad_accum=tc.grad_accum, seed=cfg.seed,
-                       records=records if main and not resume_from else Records(),
-                       dist=AcceleratorDist(accelerator), sharded_weights=cfg.dist.shards_weights)
+                       records=initial, dist=AcceleratorDist(accelerator), sharded_weights=cfg.dist.shards_weights)
     method = build_method(cfg.method)
     model = method.prepare(model, ctx)
-    if main:
-        ctx.records = records
     model, driver = _optimizing(cfg, accelerator, model, method)
-    run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, collate=collate,
-              total_steps=total_steps, records=records, schedule=schedule, method=method, model=model,
-              unwrapped=accelerator.unwrap_model(model), driver=driver,
-              grad_sync=count_grad_sync_bytes(model, ctx.dist))
-    if resume_from:
-        state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
-        run.start_step = state["step"]
-        run.history = state.get("history", run.history)
-    if main:
-        _announce(run, resume_from)
+
+    # Everything is checked: only now is the run dir created, locked, and cleared or resumed.
+    def warn(line: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(line)}")
+
+    lock, resume_from = rundir.claim(cfg, warn) if main else (None, None)
+    try:
+        resume_from = broadcast_object_list([str(resume_from or "")])[0]  # rank 0 decides for all
+        records = RunRecords(cfg.run_dir()) if main else None
+        if main:
+            ctx.records = records
+        run = Run(cfg=cfg, console=console, accelerator=accelerator, tokenizer=tokenizer, data=data, val=val,
+                  collate=collate, total_steps=total_steps,
+                  save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
+                  schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model),
+                  driver=driver, grad_sync=count_grad_sync_bytes(model, ctx.dist), lock=lock)
+        if resume_from:
+            state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
+            run.start_step = state["step"]
+            run.history = {**run.history, **state.get("history", {})}
+        if main:
+            # Drop what a killed run wrote past its checkpoint (all of it, with none to resume from);
+            # a fresh start's initial records come from this prepare(), a resumed one's from the checkpoint.
+            records.truncate_after(run.start_step if resume_from else -1)
+            if not resume_from:
+                initial.replay(records)
+            _announce(run, resume_from)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     return run
 
 
@@ -174,8 +204,6 @@ def _optimizing(cfg: RunConfig, accelerator: Accelerator, model, method: Method)
 
 def _announce(run: Run, resume_from: str) -> None:
     cfg = run.cfg
-    if resume_from or cfg.run.resume == "auto":
-        run.records.truncate_after(run.start_step)  # also drops the records of a run killed before its 1st checkpoint
     run.records.write_config({**cfg.model_dump(mode="json"), "total_steps": run.total_steps}, run.device)
     summary = run.method.describe()
     run.console.print(
@@ -232,8 +260,9 @@ def run_steps(run: Run) -> None:
             pending.append((loss_sum, counts))
             done = step + 1
             logged = done % tc.log_every == 0 or done == run.total_steps
-            saved = bool(tc.save_every) and done % tc.save_every == 0 and done < run.total_steps
-            if not (logged or saved or done % SYNC_EVERY == 0):
+            saved = bool(run.save_every) and done % run.save_every == 0 and done < run.total_steps
+            validating = _validation_due(run, done)
+            if not (logged or saved or validating or done % SYNC_EVERY == 0):
                 continue
             stops = _sync(run, pending, stop, time.perf_counter() - window0)
             pending, window0 = [], time.perf_counter()
@@ -241,6 +270,7 @@ def run_steps(run: Run) -> None:
                 metrics = _metrics(run, step, grad_norm)
                 run.records.metric(metrics)
                 progress.update(done, metrics)
+            stop_early = validating and _validate(run, done)
             preempted = done < run.total_steps and stops
             if preempted or saved:
                 checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
@@ -248,6 +278,12 @@ def run_steps(run: Run) -> None:
             if preempted:
                 progress.close()
                 raise Preempted(done)
+            if stop_early:
+                run.stopped_early_at = done
+                if run.main:
+                    run.console.print(f"early stopping at step {done}: no better validation loss in "
+                                      f"{tc.early_stopping_patience} validations")
+                break
     progress.close()
 
 
@@ -287,6 +323,28 @@ def _metrics(run: Run, step: int, grad_norm: torch.Tensor | None) -> dict:
     }
 
 
+def _validation_due(run: Run, done: int) -> bool:
+    """Whether the validation loss is taken after update `done`: every train.eval_every steps
+    (default: the checkpoint interval) and at the end."""
+    every = run.cfg.train.eval_every or run.save_every or run.total_steps
+    return run.val is not None and (done % every == 0 or done == run.total_steps)
+
+
+def _validate(run: Run, done: int) -> bool:
+    """The validation loss (when _validation_due) -> metrics.jsonl; a new best is kept in
+    checkpoints/best. Returns whether to stop early."""
+    tc = run.cfg.train
+    loss = mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size)  # every rank, in step
+    run.history["val_loss"].append([done, loss])
+    if run.main:
+        run.records.metric({"step": done, "val_loss": loss})
+    since_best = validations_since_best(run.history["val_loss"])
+    if since_best == 0 and run.save_every:  # no save_every: a dist that cannot checkpoint (zero3)
+        checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
+                        {"history": run.history}, tc.keep_last_n, name="best")
+    return bool(tc.early_stopping_patience) and since_best >= tc.early_stopping_patience
+
+
 def finish(run: Run) -> Path:
     """final/ (the exported model and the tokenizer), report.json, then the evaluation if asked for."""
     cfg, method, accelerator = run.cfg, run.method, run.accelerator
@@ -320,6 +378,7 @@ def _report(run: Run, in_sync: bool) -> dict:
     history, device = run.history, run.device
     timings = step_timings(history["step_time_s"], history["tokens"])
     summary = run.method.describe()
+    steps = max(1, run.total_steps - run.start_step)
     return {
         **summary,
         "total_steps": run.total_steps,
@@ -330,11 +389,16 @@ def _report(run: Run, in_sync: bool) -> dict:
         **run.method.report_extras(),
         "num_processes": run.world,
         "ranks_in_sync": in_sync,
-        # Bytes DDP all-reduced per optimizer step (this process's steps; None without DDP).
-        "grad_sync_bytes_per_step": run.grad_sync and run.grad_sync["bytes"] / max(1, run.total_steps - run.start_step),
+        # Bytes all-reduced per optimizer step (this process's steps; None without DDP).
+        "grad_sync_bytes_per_step": run.grad_sync and run.grad_sync["bytes"] / steps,
+        # Of those, what the method all-reduced itself (LoSiA's scoring layer's m x n gradient).
+        "method_sync_bytes_per_step": run.grad_sync and run.grad_sync["method_bytes"] / steps,
         "method_step_time_s": run.driver.method_time_s,
         "first_loss": history["loss"][0],
         "final_loss": history["loss"][-1],
+        "val_loss": {"best": min(v for _, v in history["val_loss"]), "final": history["val_loss"][-1][1]}
+        if history["val_loss"] else None,
+        "stopped_early_at": run.stopped_early_at,
         "wall_s": time.perf_counter() - run.wall0,
         "data": run.data.stats,
     }

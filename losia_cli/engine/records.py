@@ -71,6 +71,20 @@ def percentile(values: list[float], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+class BufferedRecords(Records):
+    """Records held back until the run dir exists (a method's initial ones, written in prepare())."""
+
+    def __init__(self):
+        self.held: list[tuple[str, dict]] = []
+
+    def write(self, stream: str, record: dict) -> None:
+        self.held.append((stream, record))
+
+    def replay(self, into: Records) -> None:
+        for stream, record in self.held:
+            into.write(stream, record)
+
+
 class RunRecords(Records):
     """The run dir's records; also the sink a method writes its own streams to (subnets.jsonl)."""
 
@@ -100,12 +114,14 @@ class RunRecords(Records):
         self._files[stream].write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records past the checkpoint so the files read as one uninterrupted run."""
+        """On resume, drop records past the checkpoint so the files read as one uninterrupted run
+        (step=-1: all of them), and a last line a crash cut short (it has no newline yet)."""
         for f in self._files.values():
             f.close()
         for name in self.STREAMS:
             path = self.dir / f"{name}.jsonl"
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            lines = path.read_text(errors="replace").split("\n")[:-1]  # [-1]: "" or the cut-short line
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
             atomic.write_text(path, "".join(line + "\n" for line in kept))
         self._open()
 

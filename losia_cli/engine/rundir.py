@@ -3,16 +3,22 @@
     runs/<recipe>-<method>-<YYYYmmdd-HHMMSS>/     the default name (`run.name` wins)
 
 An existing, non-empty run dir is never reused by accident: `run.resume=auto` continues it,
-`run.overwrite=true` starts it over, anything else is refused before a model loads.
+`run.overwrite=true` starts it over, anything else is refused before a model loads. The dir is created
+(and, for overwrite, emptied) only after config, data and model have been checked, under a lock
+that one writer holds for the run's life.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 from datetime import datetime
 from pathlib import Path
 
+from losia_cli.atomic import RUN_FILES
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.engine import checkpoint
 
@@ -33,31 +39,94 @@ def name_run(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": default_run_name(cfg)})})
 
 
-def clear_or_refuse(run_dir: Path, overwrite: bool) -> None:
-    """Empty `run_dir` for a fresh start when `overwrite`; refuse when it holds anything otherwise."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"run dir {run_dir} already exists; pass run.resume=auto to continue it "
-                "or run.overwrite=true to start over"
-            )
-        shutil.rmtree(run_dir)
+LOCK = ".lock"
 
 
-def resume_point(cfg: RunConfig) -> Path | None:
-    """The checkpoint to resume from, if any; refuses to clobber a run by accident."""
+def _contents(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def check_fresh(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start over in `run_dir` when it holds anything and `overwrite` is off, or when it is not
+    a run dir (or holds the working directory) that `overwrite` may delete. Deletes nothing."""
+    if not _contents(run_dir):
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"run dir {run_dir} already exists; pass run.resume=auto to continue it "
+            "or run.overwrite=true to start over"
+        )
+    if not any((run_dir / name).is_file() for name in RUN_FILES):  # only a run dir is ever cleared
+        raise ConfigError(f"run.overwrite: {run_dir} is not a run dir (no {' or '.join(RUN_FILES)}); "
+                          "not deleting it, choose another run.name")
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"run.overwrite: {run_dir} holds the working directory; not deleting it")
+
+
+def clear(run_dir: Path, overwrite: bool) -> None:
+    """Empty `run_dir` for a fresh start (after check_fresh); the lock file stays, it is held."""
+    check_fresh(run_dir, overwrite)
+    for path in _contents(run_dir):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def check(cfg: RunConfig) -> None:
+    """The run dir's refusals, before a model loads: a finished run to resume, a resume path that is
+    not a checkpoint, a dir that may not be started over. Writes nothing."""
     run_dir = cfg.run_dir()
     if cfg.run.resume == "auto":
         if (run_dir / "report.json").is_file():
             raise ConfigError(f"run.resume=auto: {run_dir} has finished already (it has report.json)")
-        return checkpoint.latest(run_dir)
-    if cfg.run.resume:
+    elif cfg.run.resume:
         path = Path(cfg.run.resume)
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"run.resume: {path} is not a complete checkpoint dir")
-        return path
-    clear_or_refuse(run_dir, cfg.run.overwrite)
-    return None
+        if reason := checkpoint.damage(path):
+            raise ConfigError(f"run.resume: {path} is damaged ({reason})")
+    else:
+        check_fresh(run_dir, cfg.run.overwrite)
+
+
+def claim(cfg: RunConfig, warn) -> tuple[RunLock, Path | None]:
+    """Once setup has validated config, data and model: lock the run dir (creating it), clear it for a
+    fresh start or pick the checkpoint to resume from (the newest intact one for run.resume=auto)."""
+    lock = RunLock(cfg.run_dir())
+    try:
+        check(cfg)  # again, now that no other writer can change the dir
+        if cfg.run.resume == "auto":
+            return lock, checkpoint.newest_intact(cfg.run_dir(), warn)
+        if cfg.run.resume:
+            return lock, Path(cfg.run.resume)
+        clear(cfg.run_dir(), cfg.run.overwrite)
+        return lock, None
+    except BaseException:
+        lock.release()
+        raise
+
+
+class RunLock:
+    """An exclusive lock on a run dir for the run's life: a second writer (the same run.name, a second
+    run.resume=auto) is refused with the holder's pid and host. The OS drops it when the holder dies."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"run dir {run_dir}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise ConfigError(f"run dir {run_dir} is in use by {holder}; wait for it or choose another run.name") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def continual_start(cfg: RunConfig, fresh: dict) -> dict:
@@ -71,5 +140,5 @@ def continual_start(cfg: RunConfig, fresh: dict) -> dict:
                               "pass run.overwrite=true to start over")
         return doc
     if cfg.run.resume != "auto":
-        clear_or_refuse(root, cfg.run.overwrite)
+        clear(root, cfg.run.overwrite)
     return fresh

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from losia_cli.errors import UsageError
 from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig
 
 
@@ -46,7 +45,7 @@ def load_target(target: str):
     )
 
     path = Path(target)
-    if (path / "config.yaml").is_file() and (path / "final").exists():
+    if (path / "config.yaml").is_file():  # a run dir (load_run_model names a missing final/)
         model, tokenizer, _ = load_run_model(path)  # folds PEFT adapters; LoSiA/full load as is
         return model.to(best_device()), tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
     cfg = ModelConfig(name_or_path=target)
@@ -67,8 +66,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
         from losia_cli.eval.lm_eval_backend import run_lm_eval
 
         return run_lm_eval(model, tokenizer, cfg, out_dir, identity, console)
-    if not cfg.tasks and not cfg.forgetting:
-        raise UsageError("nothing to evaluate: give tasks=[...] or forgetting=true")
+    cfg.require_work()
     task_rows = [load_rows(spec, cfg.limit) for spec in cfg.tasks]  # fail on bad data before scoring
     options = dict(
         allow_code_exec=cfg.allow_code_exec, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,

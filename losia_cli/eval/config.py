@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from losia_cli.errors import UsageError
+
 # Default evaluation split of each task whose standard benchmark is public on the hub.
 # Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
 DEFAULT_SOURCES = {
@@ -21,22 +23,42 @@ DEFAULT_SOURCES = {
 class EvalConfig(BaseModel):
     """Options of `losia eval` (also the `eval:` section of a training recipe)."""
 
-    model_config = ConfigDict(extra="forbid")
-    tasks: list[str] = []  # TASK or TASK@SOURCE (a data source as in `data.source`)
-    limit: int | None = Field(None, gt=0)  # first N rows per task
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    tasks: list[str] = []
+    """TASK or TASK@SOURCE (a data source as in `data.source`)."""
+    limit: int | None = Field(None, gt=0)
+    """First N rows per task."""
     batch_size: int = Field(8, gt=0)
+    """Prompts generated together."""
     max_new_tokens: int = Field(256, gt=0)
-    num_samples: int = Field(1, gt=0)  # > 1: sample (temperature/top_p) and report pass@k
+    """Generation length limit per answer."""
+    num_samples: int = Field(1, gt=0)
+    """> 1: sample (temperature/top_p) and report pass@k."""
     temperature: float = 0.8
+    """Sampling temperature when num_samples > 1."""
     top_p: float = 0.95
-    # code tasks run model-written programs: true runs them sandboxed (refused where the sandbox is
-    # unavailable); unsafe runs them with only time/memory limits, able to reach files and network
+    """Nucleus sampling mass when num_samples > 1."""
     allow_code_exec: bool | Literal["unsafe"] = False
-    chat: bool = False  # code tasks: prompt through the chat template, run the reply's code block
+    """Code tasks run model-written programs: true runs them sandboxed (refused where the sandbox is
+    unavailable); unsafe runs them with only time/memory limits, able to reach files and network."""
+    chat: bool = False
+    """Code tasks: prompt through the chat template, run the reply's code block."""
     timeout_s: float = Field(10.0, gt=0)
-    forgetting: bool = True  # general-text loss of the model (and of the baseline) -> delta
-    after_train: bool = False  # run these tasks at the end of `losia train`
+    """Seconds one code test may run."""
+    forgetting: bool = True
+    """General-text loss of the model (and of the baseline) -> delta."""
+    after_train: bool = False
+    """Run these tasks at the end of `losia train`."""
     seed: int = 0
-    backend: Literal["native", "lm_eval"] = "native"  # lm_eval: tasks are lm-evaluation-harness task names
-    include_path: str | None = None  # lm_eval: a dir of extra harness task YAMLs (local tasks)
-    num_fewshot: int | None = Field(None, ge=0)  # lm_eval: few-shot examples (None: each task's default)
+    """Sampling seed."""
+    backend: Literal["native", "lm_eval"] = "native"
+    """lm_eval: tasks are lm-evaluation-harness task names."""
+    include_path: str | None = None
+    """lm_eval: a dir of extra harness task YAMLs (local tasks)."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """lm_eval: few-shot examples (None: each task's default)."""
+
+    def require_work(self) -> None:
+        """Refuse a native evaluation with nothing to do (before any model loads)."""
+        if self.backend == "native" and not self.tasks and not self.forgetting:
+            raise UsageError("nothing to evaluate: give tasks=[...] or forgetting=true")

@@ -25,13 +25,18 @@ _FLATTENS = "dist={dist} flattens parameters, and GaLore projects 2-D gradients;
 
 
 class GaloreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: Literal["galore"] = "galore"
     rank: int = Field(128, gt=0)
-    update_proj_gap: int = Field(200, gt=0)  # steps between SVDs of the gradient (projector refresh)
-    scale: float = 0.25  # the projected-back update is multiplied by this (GaLore's alpha)
+    """Rank of the gradient projection."""
+    update_proj_gap: int = Field(200, gt=0)
+    """Steps between SVDs of the gradient (projector refresh)."""
+    scale: float = 0.25
+    """The projected-back update is multiplied by this (GaLore's alpha)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    """Which side(s) of the gradient GaLore projects."""
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    """Linears trained with projected gradients (names or dotted suffixes); the rest train densely."""
 
 
 class GaloreMethod(Method):

@@ -9,20 +9,26 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from losia_cli.errors import ConfigError
 from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
 
 
 class PeftMethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     name: Literal["lora", "dora", "pissa"]
     rank: int = 8
-    alpha: float | None = None  # None: 2 * rank, the common choice
+    """Adapter rank r."""
+    alpha: float | None = None
+    """Adapter scale numerator (update scaled by alpha / r); null: 2 * rank, the common choice."""
     dropout: float = 0.0
-    target_modules: list[str] | str = LLAMA_PROJECTIONS  # as peft: names, a regex, or "all-linear"
-    pissa_niter: int | None = 16  # fast SVD iterations for PiSSA init; None = exact SVD
-    # fp32: peft's default, adapters upcast to fp32 under a bf16/fp16 base (more activation memory and
-    # traffic); base: adapters in the base weights' dtype (`lora_bf16` in bench, the fair baseline).
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | str = LLAMA_PROJECTIONS
+    """As peft: module names, a regex, or "all-linear"."""
+    pissa_niter: int | None = 16
+    """Fast SVD iterations for PiSSA init; null = exact SVD."""
     adapter_dtype: Literal["fp32", "base"] = "fp32"
+    """fp32: peft's default, adapters upcast to fp32 under a bf16/fp16 base (more activation memory and
+    traffic); base: adapters in the base weights' dtype (`lora_bf16` in bench, the fair baseline)."""
 
 
 class PeftMethod(Method):
@@ -59,10 +65,14 @@ class PeftMethod(Method):
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         from peft import get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        model = get_peft_model(
-            model, self.peft_config(), autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32"
-        )
+        try:
+            model = get_peft_model(
+                model, self.peft_config(), autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32"
+            )
+        except NoMatchingPeftModuleError:
+            raise ConfigError(f"no module matched method.target_modules={self.cfg.target_modules!r}") from None
         if self.cfg.name == "pissa":
             # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
             # original base, keep the initial adapter; peft converts the trained one against it.

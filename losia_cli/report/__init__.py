@@ -26,10 +26,10 @@ def build_report(paths: list[Path], out: Path | None = None) -> Path:
         runs, single = runs + stages, False
     label_runs(runs)
     out = Path(out) if out is not None else default_out(paths)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.html").is_file())):
-        raise ReportError(f"{out} exists and is not a losia report dir; choose another --out")
+    if reason := atomic.foreign(out):
+        raise ReportError(f"--out: {reason}; not replacing it, choose another --out")
     drawn = figures(runs, single)
-    with atomic.directory(out, overwrite=True) as tmp:
+    with atomic.directory(out, overwrite=True, listed=True) as tmp:
         images = []
         for name, caption, fig in drawn:
             fig.savefig(tmp / name, metadata={"Software": None})

@@ -62,6 +62,9 @@ def loss_figure(run: Run):
           color="tab:blue", label="loss")
     if len(steps) > 50:
         ax.plot(steps, _smooth(loss), color="tab:blue", lw=2, label="loss (moving mean)")
+    val_steps, val = _series(run.metrics, "val_loss")
+    if val_steps:
+        ax.plot(val_steps, val, "o-", color="tab:orange", lw=1.6, label="validation loss")
     _mark_events(ax, relocalization_steps(run.subnets))
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title=f"training loss: {run.label}")
     ax.grid(alpha=0.3)
@@ -240,8 +243,8 @@ def figures(runs: list[Run], single: bool) -> list[tuple[str, str, object]]:
         run = curve_runs[0]
         events = relocalization_steps(run.subnets)
         out += [
-            ("loss.png", "Training loss per step; dotted lines mark sub-network re-localizations.",
-             loss_figure(run)),
+            ("loss.png", "Training loss per step (and validation loss, when the run has a validation set); "
+                         "dotted lines mark sub-network re-localizations.", loss_figure(run)),
             ("lr.png", "Learning rate: the run's schedule (black) and each optimizer group's lr (LoSiA "
                        "re-warms a slot's lr after it re-localizes).", lr_figure(run)),
             ("step_time.png", "Wall time per optimizer step (dashed: p50 without the warm-up step); "
@@ -272,6 +275,9 @@ def figures(runs: list[Run], single: bool) -> list[tuple[str, str, object]]:
             ("memory.png", "Peak memory per step (CUDA allocated on GPU, process RSS on CPU).",
              curves_figure(curve_runs, "peak_mem_bytes", "peak memory", "peak memory ({unit})")),
         ]
+        if any(_series(r.metrics, "val_loss")[0] for r in curve_runs):
+            out.append(("val_loss.png", "Validation loss, one curve per run.",
+                        curves_figure(curve_runs, "val_loss", "validation loss", "loss (nats / target token)")))
     conts = [r for r in runs if r.continual]
     for i, run in enumerate(conts):
         name = "continual.png" if len(conts) == 1 else f"continual_{i + 1}.png"

@@ -46,7 +46,18 @@ def _table(header: list[str] | None, rows: list[list[str]], cls: str = "") -> st
 
 
 SUMMARY_COLUMNS = ["run", "method", "trainable params", "optimizer state", "s/step p50", "s/step p95",
-                   "tokens/s", "peak memory", "re-localization s", "loss first → final", "wall s", "steps"]
+                   "tokens/s", "peak memory", "re-localization s", "loss first → final", "best val loss",
+                   "wall time", "steps"]
+# Figures of where the sub-networks sat: many and detailed, so folded away below the summary figures.
+SUBNET_FIGURES = ("subnet_", "churn")
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
 
 def _summary_row(run: Run) -> list[str]:
@@ -58,7 +69,7 @@ def _summary_row(run: Run) -> list[str]:
         run.label, s["method"], trainable, _bytes(s["optimizer_state_bytes"]), _num(s["p50"], ".3f"),
         _num(s["p95"], ".3f"), _num(s["tokens_per_s"], ",.1f"), _bytes(s["peak_mem_bytes"]),
         _num(s["relocalization_time_s"], ".2f"), f"{_num(s['first_loss'], '.4f')} → {_num(s['final_loss'], '.4f')}",
-        _num(s["wall_s"], ",.1f"), _num(s["steps"]),
+        _num(s["best_val_loss"], ".4f"), _duration(s["wall_s"]), _num(s["steps"]),
     ]
 
 
@@ -100,6 +111,22 @@ def _continual(run: Run) -> str:
     )
 
 
+def _evaluation(run: Run) -> str:
+    """eval/results.json as a table: task, metric, value, stderr, n."""
+    rows = [[task, metric, _num(value, ".4f"), _num((r.get("stderr") or {}).get(metric), ".4f"), _num(r.get("n"))]
+            for task, r in (run.eval.get("tasks") or {}).items() for metric, value in (r.get("metrics") or {}).items()]
+    return f"<h2>Evaluation: {escape(run.label)}</h2>" + _table(["task", "metric", "value", "± stderr", "n"], rows)
+
+
+def _data_rows(run: Run) -> list[list[str]]:
+    """The training data's statistics (report.json's `data`): rows, samples, tokens, mixture shares."""
+    stats = (run.report or {}).get("data") or {}
+    rows = [[key.removeprefix("n_").replace("_", " "), _num(value)] for key, value in stats.items()
+            if key.startswith("n_") and isinstance(value, int)]
+    rows += [[f"mixture: {source}", _num(n)] for source, n in stats.get("mixture") or []]
+    return rows
+
+
 def _image(path: Path, name: str, caption: str) -> str:
     data = base64.b64encode((path / name).read_bytes()).decode("ascii")
     return (f'<figure id="{escape(name)}"><img alt="{escape(name)}" src="data:image/png;base64,{data}">'
@@ -131,10 +158,19 @@ def render(runs: list[Run], single: bool, images: list[tuple[str, str]], image_d
             ["run", "model", "device", "data", "train", "git sha"],
             [[r.label, *[dict(_config_rows(r)).get(k, "–") for k in ("model", "device", "data", "train", "git sha")]]
              for r in curve_runs], "text")]
+    if single and curve_runs and _data_rows(curve_runs[0]):
+        parts += ["<h2>Data</h2>", _table(None, _data_rows(curve_runs[0]), "kv")]
+    parts += [_evaluation(r) for r in runs if r.eval]
     parts += [_continual(r) for r in runs if r.continual]
+    main = [(n, c) for n, c in images if not n.startswith(SUBNET_FIGURES)]
+    folded = [(n, c) for n, c in images if n.startswith(SUBNET_FIGURES)]
     if images:
         parts.append("<h2>Figures</h2>")
-        parts += [_image(image_dir, name, caption) for name, caption in images]
+        parts += [_image(image_dir, name, caption) for name, caption in main]
+    if folded:
+        parts.append(f"<details><summary>Sub-network figures ({len(folded)})</summary>")
+        parts += [_image(image_dir, name, caption) for name, caption in folded]
+        parts.append("</details>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")

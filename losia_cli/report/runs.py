@@ -24,6 +24,7 @@ class Run:
     subnets: list[dict]
     report: dict | None
     continual: dict | None
+    eval: dict | None = None  # eval/results.json, when the run was evaluated
     notes: list[str] = field(default_factory=list)
     label: str = ""
 
@@ -38,16 +39,17 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     """Records of a line-buffered JSONL file; a crash can only cut its last line, which is skipped."""
     if not path.is_file():
         return []
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
     records = []
     for i, line in lines:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode())  # bytes, decoded per line: a bad line is named by number
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             if i == lines[-1][0]:
                 notes.append(f"{path.name}: ignored a truncated last line (the run was cut off mid-write)")
                 continue
-            raise ReportError(f"{path}:{i} is not valid JSON") from None
+            what = "UTF-8" if isinstance(e, UnicodeDecodeError) else "valid JSON"
+            raise ReportError(f"{path}:{i} is not {what}") from None
         if not isinstance(record, dict) or "step" not in record:
             raise ReportError(f"{path}:{i} is not a record with a 'step'")
         records.append(record)
@@ -78,7 +80,8 @@ def load_run(path: Path) -> Run:
         notes.append("metrics.jsonl holds no complete record yet: no curves to draw")
     if report is None and metrics:
         notes.append("no report.json (the run crashed or is still running): summary computed from metrics.jsonl")
-    return Run(path, config, metrics, subnets, report, _read_json(path / "continual.json"), notes)
+    return Run(path, config, metrics, subnets, report, _read_json(path / "continual.json"),
+               _read_json(path / "eval" / "results.json"), notes)
 
 
 def stage_runs(run: Run) -> list[Run]:
@@ -105,7 +108,9 @@ def label_runs(runs: list[Run]) -> None:
 # --- summary --------------------------------------------------------------------------------------
 def summary(run: Run) -> dict:
     """The summary-table values: report.json where present, else recomputed as the engine does."""
-    rep, m = run.report, run.metrics
+    rep, m = run.report, [r for r in run.metrics if "loss" in r]  # training rows (val rows: val_loss only)
+    val = [r["val_loss"] for r in run.metrics if "val_loss" in r]
+    best_val = min(val) if val else None
     if rep is not None:
         times = rep.get("step_time_s") or {}
         return {
@@ -114,7 +119,7 @@ def summary(run: Run) -> dict:
             "p50": times.get("p50"), "p95": times.get("p95"), "tokens_per_s": rep.get("tokens_per_s"),
             "peak_mem_bytes": rep.get("peak_mem_bytes"), "relocalization_time_s": rep.get("relocalization_time_s"),
             "first_loss": rep.get("first_loss"), "final_loss": rep.get("final_loss"), "wall_s": rep.get("wall_s"),
-            "steps": rep.get("total_steps"),
+            "steps": rep.get("total_steps"), "best_val_loss": best_val,
         }
     timed = [r for r in m if "step_time_s" in r]
     timings = step_timings([r["step_time_s"] for r in timed], [r.get("tokens", 0) for r in timed])
@@ -124,5 +129,5 @@ def summary(run: Run) -> dict:
         "peak_mem_bytes": max((r["peak_mem_bytes"] for r in m if "peak_mem_bytes" in r), default=None),
         "relocalization_time_s": None, "first_loss": m[0].get("loss") if m else None,
         "final_loss": m[-1].get("loss") if m else None, "wall_s": None,
-        "steps": m[-1]["step"] if m else None,
+        "steps": m[-1]["step"] if m else None, "best_val_loss": best_val,
     }

@@ -15,7 +15,7 @@ from losia_cli.methods.base import LLAMA_PROJECTIONS
 
 
 class LosiaConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     name: Literal["losia", "losia_pro"] = "losia_pro"
     """Method name; `losia` is the dense-autograd reference, `losia_pro` the compact autograd function."""
