@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error(str(e))
         return 2
+    except Preempted as e:
+        err_console.print(f"[yellow]{escape(str(e))}[/]")
+        return PREEMPTED_EXIT_CODE
     except Exception as e:
         if debug or not (line := _cannot_write(e)):
             raise
         print_error(line)
         return 2
-    except Preempted as e:
-        err_console.print(f"[yellow]{escape(str(e))}[/]")
-        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
