@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from losia_cli.errors import UsageError
+
 
 def temp_path_for(final: Path, private: bool = False) -> Path:
     """Where `file(final)` / `directory(final)` builds its content (other processes may write into it
@@ -41,8 +43,11 @@ def _fsync_tree(root: Path) -> None:
 
 @contextlib.contextmanager
 def file(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path` to write to; it replaces `path` only if the block succeeds."""
+    """Yield a temp path beside `path` to write to; it replaces `path` only if the block succeeds.
+    Only a regular file is replaced: renaming onto `--out /dev/null` would swap the device for a file."""
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file()):
+        raise UsageError(f"{path}: not a regular file; give the path of a file to write")
     tmp = temp_path_for(path)
     try:
         yield tmp

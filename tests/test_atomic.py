@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from losia_cli import atomic
+from losia_cli.errors import UsageError
 
 
 @pytest.fixture
@@ -56,3 +57,20 @@ def test_shared_directory_first_writer_wins(tmp_path):
             (theirs / "meta.json").write_text("theirs")
     assert (final / "meta.json").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+
+def test_only_a_regular_file_is_replaced(tmp_path):
+    """`losia bench --out /dev/null` once renamed a file onto the device: a FIFO, a dir or a link
+    stands for it here, and each is left as it was."""
+    fifo, folder, link = tmp_path / "fifo", tmp_path / "dir", tmp_path / "link"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    (tmp_path / "target").write_text("kept")
+    link.symlink_to(tmp_path / "target")
+    for path in (fifo, folder, link):
+        with pytest.raises(UsageError, match="not a regular file"):
+            atomic.write_json(path, {"x": 1})
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and folder.is_dir() and link.is_symlink()
+    assert (tmp_path / "target").read_text() == "kept"
+    atomic.write_json(tmp_path / "new.json", {"x": 1})  # a new file, and a regular one, are written
+    atomic.write_json(tmp_path / "new.json", {"x": 2})
