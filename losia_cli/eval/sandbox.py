@@ -106,6 +106,13 @@ def bind_ro(src, dst):
 program = sys.stdin.buffer.read()
 os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
 mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+# /tmp before the binds: an interpreter that lives under /tmp (a venv in a clone there) is bound inside it.
+os.mkdir(root + "/tmp")
+owner = max(uid, 0)
+mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, f"size={tmp_size},mode=700,uid={owner},gid={owner}")
+with open(root + "/tmp/program.py", "wb") as f:
+    f.write(program)
+os.chown(root + "/tmp/program.py", owner, owner)
 for spec in sys.argv[9:]:
     link, _, target = spec.partition("=")
     if target:
@@ -116,12 +123,6 @@ for dev in ("null", "zero", "random", "urandom"):
     bind_ro("/dev/" + dev, f"{root}/dev/{dev}")
 os.mkdir(root + "/proc")
 mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
-os.mkdir(root + "/tmp")
-owner = max(uid, 0)
-mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, f"size={tmp_size},mode=700,uid={owner},gid={owner}")
-with open(root + "/tmp/program.py", "wb") as f:
-    f.write(program)
-os.chown(root + "/tmp/program.py", owner, owner)
 mount(None, root, None, REMOUNT | RDONLY | NOSUID | NODEV)
 os.chroot(root)
 os.chdir("/tmp")
