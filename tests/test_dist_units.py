@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from test_losia_support import VOCAB, tiny_llama
 
 from losia_cli.engine import checkpoint
-from losia_cli.engine.distributed import count_grad_sync_bytes, shard_model
+from losia_cli.engine.distributed import AcceleratorDist, count_grad_sync_bytes, shard_model
 from losia_cli.methods import TrainContext, WarmupCosine
 from losia_cli.methods.base import Distributed
 from losia_cli.methods.losia import LosiaConfig, LosiaMethod
@@ -61,21 +61,24 @@ def test_fsdp_trains_fp32_blocks_next_to_bf16_extras(tmp_path):
 
 
 def test_grad_sync_counts_what_the_method_all_reduces(tmp_path):
-    """DDP's buckets and the scoring layer's m x n gradient (reduced through dist.all_reduce_sum)."""
+    """DDP's buckets, and apart from them the scoring layer's m x n gradient the method all-reduces
+    through the engine's AcceleratorDist."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 4))
-        reduced = []
-        procs = Distributed()
-        procs.all_reduce_sum = reduced.append
-        counter = count_grad_sync_bytes(model, procs)
+        counter = count_grad_sync_bytes(model)
         model(torch.ones(2, 8)).sum().backward()
         assert counter["bytes"] == (8 * 4 + 4) * 4
-        score_grad = torch.zeros(16, 32)
-        procs.all_reduce_sum(score_grad)
-        assert reduced == [score_grad] and counter["bytes"] == (8 * 4 + 4 + 16 * 32) * 4
     finally:
         dist.destroy_process_group()
+    reduced = []
+    accelerator = SimpleNamespace(num_processes=2, process_index=0,
+                                  reduce=lambda t, reduction: reduced.append(t) or t * 2)
+    procs = AcceleratorDist(accelerator)
+    score_grad = torch.ones(16, 32)
+    procs.all_reduce_sum(score_grad)
+    assert len(reduced) == 1 and torch.equal(score_grad, torch.full((16, 32), 2.0))
+    assert procs.reduced_bytes == 16 * 32 * 4
 
 
 def test_checkpoint_files_load_onto_the_cpu(tmp_path, monkeypatch):

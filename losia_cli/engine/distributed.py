@@ -117,9 +117,11 @@ class AcceleratorDist(Distributed):
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.world_size, self.rank = accelerator.num_processes, accelerator.process_index
+        self.reduced_bytes = 0  # what the method all-reduced (LoSiA's scoring layer's m x n gradient)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         if self.world_size > 1:
+            self.reduced_bytes += tensor.numel() * tensor.element_size()
             tensor.copy_(self.accelerator.reduce(tensor, reduction="sum"))
 
     def broadcast_from_main(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -131,28 +133,18 @@ class AcceleratorDist(Distributed):
             zero.refresh_fp32_params()
 
 
-def count_grad_sync_bytes(model, dist: Distributed | None = None) -> dict | None:
-    """Count the bytes DDP all-reduces (its buckets hold exactly the trainable gradients), plus those the
-    method all-reduces itself through `dist.all_reduce_sum` (LoSiA's scoring layer's m x n gradient)."""
+def count_grad_sync_bytes(model) -> dict | None:
+    """Count the bytes DDP all-reduces (its buckets hold exactly the trainable gradients)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         return None
-    counter = {"bytes": 0, "method_bytes": 0}
+    counter = {"bytes": 0}
 
     def counting_allreduce(process_group, bucket):
         counter["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
         return allreduce_hook(process_group, bucket)
 
     model.register_comm_hook(None, counting_allreduce)
-    if dist is not None:
-        all_reduce_sum = dist.all_reduce_sum
-
-        def counting_all_reduce_sum(tensor: torch.Tensor) -> None:
-            counter["bytes"] += tensor.numel() * tensor.element_size()
-            counter["method_bytes"] += tensor.numel() * tensor.element_size()
-            all_reduce_sum(tensor)
-
-        dist.all_reduce_sum = counting_all_reduce_sum
     return counter

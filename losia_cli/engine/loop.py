@@ -63,6 +63,7 @@ class Run:
     unwrapped: torch.nn.Module  # what state dicts are read from
     driver: StepDriver
     grad_sync: dict | None  # DDP's all-reduced bytes (engine/distributed.py)
+    dist: AcceleratorDist  # the method's view of the processes; counts what the method all-reduces
     start_step: int = 0
     # Per-step history, kept in checkpoints so the report covers the whole of a resumed run.
     history: dict = field(default_factory=lambda: {"step_time_s": [], "tokens": [], "loss": [], "val_loss": []})
@@ -164,7 +165,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
                   collate=collate, total_steps=total_steps,
                   save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
                   schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model),
-                  driver=driver, grad_sync=count_grad_sync_bytes(model, ctx.dist), lock=lock)
+                  driver=driver, grad_sync=count_grad_sync_bytes(model), dist=ctx.dist, lock=lock)
         if resume_from:
             state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
             run.start_step = state["step"]
@@ -390,9 +391,9 @@ def _report(run: Run, in_sync: bool) -> dict:
         "num_processes": run.world,
         "ranks_in_sync": in_sync,
         # Bytes all-reduced per optimizer step (this process's steps; None without DDP).
-        "grad_sync_bytes_per_step": run.grad_sync and run.grad_sync["bytes"] / steps,
+        "grad_sync_bytes_per_step": run.grad_sync and (run.grad_sync["bytes"] + run.dist.reduced_bytes) / steps,
         # Of those, what the method all-reduced itself (LoSiA's scoring layer's m x n gradient).
-        "method_sync_bytes_per_step": run.grad_sync and run.grad_sync["method_bytes"] / steps,
+        "method_sync_bytes_per_step": run.grad_sync and run.dist.reduced_bytes / steps,
         "method_step_time_s": run.driver.method_time_s,
         "first_loss": history["loss"][0],
         "final_loss": history["loss"][-1],
