@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,12 +222,19 @@ def test_host_syncs_only_every_few_steps_and_a_stop_still_checkpoints(tiny_confi
 
 
 def test_peak_memory_is_per_run():
-    """`losia compare` trains runs one after another in one process: each reports its own peak."""
-    from losia_cli.engine.loop import peak_memory, reset_peak_memory
-
-    cpu = torch.device("cpu")
-    big = torch.ones(64 * 2**20)  # 256 MiB, touched
-    del big
-    before = peak_memory(cpu)
-    reset_peak_memory(cpu)
-    assert peak_memory(cpu) < before - 128 * 2**20
+    """`losia compare` trains runs one after another in one process: each reports its own peak. In a
+    fresh process, so that no memory an earlier test left resident hides the drop."""
+    program = """
+import torch
+from losia_cli.engine.loop import peak_memory, reset_peak_memory
+cpu = torch.device("cpu")
+big = torch.ones(64 * 2**20)  # 256 MiB, touched
+del big
+before = peak_memory(cpu)
+reset_peak_memory(cpu)
+print(before, peak_memory(cpu))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert after < before - 128 * 2**20
