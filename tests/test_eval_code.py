@@ -140,3 +140,13 @@ def test_cgroups_left_by_a_killed_evaluator_are_removed():
         for path in (stale, recent):
             if os.path.exists(path):
                 os.rmdir(path)
+
+
+def test_the_sweep_survives_a_cgroup_removed_under_it(monkeypatch):
+    """Sandboxes run in parallel threads: one may remove its own cgroup between another's glob and stat."""
+    if (parent := sandbox._memory_cgroup_parent()) is None:
+        pytest.skip("no memory cgroup to create here")
+    vanished = os.path.join(parent[0], f"losia-sandbox-test{os.getpid()}-gone")
+    real_glob = sandbox.glob.glob
+    monkeypatch.setattr(sandbox.glob, "glob", lambda pattern: [vanished, *real_glob(pattern)])
+    assert run_code("print(1)", allow_code_exec=True).passed

@@ -216,9 +216,10 @@ def _new_memory_cgroup(name: str, limit_bytes: int) -> str | None:
         return None
     for stale in glob.glob(os.path.join(parent[0], "losia-sandbox-*")):
         # Left by an evaluator killed mid-run: a live sandbox joins its cgroup within milliseconds,
-        # and rmdir refuses a cgroup that still holds processes.
-        if time.time() - os.stat(stale).st_mtime > 60:
-            with contextlib.suppress(OSError):
+        # and rmdir refuses a cgroup that still holds processes. A concurrent sandbox may remove its
+        # own between the glob and the stat.
+        with contextlib.suppress(OSError):
+            if time.time() - os.stat(stale).st_mtime > 60:
                 os.rmdir(stale)
     group = os.path.join(parent[0], name)
     os.mkdir(group)
