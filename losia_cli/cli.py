@@ -10,9 +10,7 @@ import os
 import sys
 import warnings
 
-from rich.markup import escape
-
-from losia_cli.commands.common import err_console, print_error
+from losia_cli.commands.common import print_error
 from losia_cli.errors import LosiaError
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(e))
         return 2
     except Preempted as e:
-        err_console.print(f"[yellow]{escape(str(e))}[/]")
+        print(e, file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except Exception as e:
         if debug or not (line := _cannot_write(e)):
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(line)
         return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        print("interrupted", file=sys.stderr)
         return 130
     finally:
         # A worker must close its process group while the interpreter is alive: one that exits

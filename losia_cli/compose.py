@@ -1,12 +1,14 @@
 """Recipe composition and the one `key=value` grammar of every command.
 
-`losia train`, `compare`, `slurm` and `recipes` compose the YAML tree with Hydra; `losia eval` and
-`losia bench` read their options with the same override grammar (`key=value`, `a.b=1`, `k=[a,b]`,
-`k=a,b`), validated by a pydantic model. Nothing here imports torch.
+`losia train`, `compare`, `slurm` and `recipes` compose the YAML tree with Hydra; the options of
+`losia eval`, `compare` and `bench` are read by `parse_options` (`key=value`, `a.b=1`, `k=[a,b]`,
+`k=a,b`: the same spellings, without Hydra, so that bench runs where only torch, transformers and peft
+are installed). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import get_origin
@@ -40,18 +42,22 @@ def is_config_file(word: str) -> bool:
 def schema_has(key: str) -> bool:
     """Whether a dotted key (`data.packing`, `stages.0.train.lr`, `data.column_map.q`) names a
     field of the run schema, of any method's config, or a dict field's entry."""
+    import dataclasses
     from types import UnionType
-    from typing import Union, get_args
+    from typing import Union, get_args, get_type_hints
 
     from pydantic import BaseModel
 
     from losia_cli.config import RunConfig
     from losia_cli.methods import config_classes
 
-    def models_in(annotation) -> list:
+    def fields_in(annotation) -> list[dict]:
+        """{field: annotation} of each section class in `annotation` (pydantic models, method dataclasses)."""
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            return [annotation]
-        return [m for arg in get_args(annotation) for m in models_in(arg)]
+            return [{name: f.annotation for name, f in annotation.model_fields.items()}]
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            return [get_type_hints(annotation)]
+        return [fields for arg in get_args(annotation) for fields in fields_in(arg)]
 
     def walk(annotation, parts: list[str]) -> bool:
         if not parts:
@@ -63,8 +69,7 @@ def schema_has(key: str) -> bool:
             return len(parts) == 1
         if origin is list:
             return parts[0].isdigit() and walk(get_args(annotation)[0], parts[1:])
-        return any(walk(m.model_fields[parts[0]].annotation, parts[1:])
-                   for m in models_in(annotation) if parts[0] in m.model_fields)
+        return any(walk(fields[parts[0]], parts[1:]) for fields in fields_in(annotation) if parts[0] in fields)
 
     head, *rest = key.split(".")
     if head == "method":
@@ -212,33 +217,88 @@ def load_config(overrides: list[str], root: Path | None = None, quiet: bool = Fa
 
 
 def parse_options(words: list[str], model):
-    """`key=value` words in the override grammar -> a validated pydantic `model`. `k=a,b` and
-    `k=[a,b]` give lists; one value for a list field is a list of one."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from pydantic import ValidationError
+    """`key=value` words -> a validated `model`: a pydantic model (eval, compare) or a plain dataclass
+    (bench, which must run where pydantic and Hydra are not installed).
 
-    bad = [w for w in words if "=" not in w]
-    if bad:
-        raise UsageError(f"expected key=value, got {bad[0]!r}")
-    try:
-        overrides = OverridesParser.create().parse_overrides(words)
-    except HydraException as e:
-        raise UsageError(str(e).strip().splitlines()[0]) from None
+    The grammar of option words (hydra-free, a subset of the recipe override grammar): a value is a YAML
+    scalar or flow list (`k=4`, `k=1e-5`, `k=null`, `k=[a,b]`, `k='a b'`); `k=a,b` and a single value
+    also give a list where the field is one; `a.b=1` sets a nested key."""
+    import yaml
+
     raw: dict = {}
-    for override in overrides:
-        value = list(override.sweep_iterator()) if override.is_sweep_override() else override.value()
-        *parents, leaf = override.key_or_group.split(".")
+    for word in words:
+        key, sep, text = word.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+            raise UsageError(f"expected key=value, got {word!r}")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:
+            raise UsageError(f"{key}: cannot read the value {text!r} ({e.problem})") from None
+        *parents, leaf = key.split(".")
         node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-        field = model.model_fields.get(leaf) if not parents else None
-        if field is not None and get_origin(field.annotation) is list and not isinstance(value, list):
-            value = [value]
+        for part in parents:
+            node = node.setdefault(part, {})
         node[leaf] = value
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        from losia_cli.config import format_validation_error  # the run config's stack: only on an error
+    if hasattr(model, "model_validate"):
+        from pydantic import ValidationError
 
-        raise ConfigError(format_validation_error(e)) from None
+        for name, field in model.model_fields.items():
+            if get_origin(field.annotation) is list and name in raw:
+                raw[name] = _as_list(raw[name])
+        try:
+            return model.model_validate(raw)
+        except ValidationError as e:
+            from losia_cli.config import format_validation_error  # the run config's stack: only on an error
+
+            raise ConfigError(format_validation_error(e)) from None
+    return _dataclass_from(model, raw)
+
+
+def _as_list(value) -> list:
+    if isinstance(value, list):
+        return value
+    return value.split(",") if isinstance(value, str) else [value]
+
+
+def _dataclass_from(cls, raw: dict):
+    """`cls(**raw)` with each value checked against (and converted to) its field's type; the class's
+    `__post_init__` checks ranges. Types: bool, int, float, str, Literal, list[...] and `X | None`."""
+    import dataclasses
+    from types import NoneType, UnionType
+    from typing import Literal, Union, get_args, get_type_hints
+
+    hints = {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+    def convert(key: str, value, kind):
+        origin, args = get_origin(kind), get_args(kind)
+        if origin in (Union, UnionType):
+            if value is None and NoneType in args:
+                return None
+            for arg in (a for a in args if a is not NoneType):
+                with contextlib.suppress(UsageError):
+                    return convert(key, value, arg)
+            raise UsageError(f"{key}: {value!r} is not a {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
+        if origin is Literal:
+            if value not in args:
+                raise UsageError(f"{key}: expected one of {', '.join(map(str, args))} (got {value!r})")
+            return value
+        if origin is list:
+            return [convert(key, item, args[0]) for item in _as_list(value)]
+        if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+            return value
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML read `model=7` as a number
+        if kind in (int, float) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError, TypeError):
+                number = kind(value)
+                if kind is float or float(value) == number:
+                    return number
+        raise UsageError(f"{key}: expected {kind.__name__} (got {value!r})")
+
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise UsageError(f"unknown option '{unknown[0]}'; known: {', '.join(hints)}")
+    try:
+        return cls(**{key: convert(key, value, hints[key]) for key, value in raw.items()})
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -6,22 +6,42 @@ key and type, so a typo or a wrong type is one clear line naming the key instead
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator,
+)
 
 from losia_cli.data.config import DataConfig
 from losia_cli.errors import ConfigError
 from losia_cli.eval.config import EvalConfig
-from losia_cli.methods import MethodConfig, method_class, method_names
-from losia_cli.models import ModelConfig
+from losia_cli.methods import config_classes, method_class, method_names
+
+# The `method:` section: one registered method's config (plain dataclasses, see methods/base.py), picked by name.
+MethodConfig = Annotated[Union[config_classes()], Field(discriminator="name")]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    """The base model and how its weights are held (recipes/model/*.yaml)."""
+
+    name_or_path: str
+    """package:smollm2-135m | package:gemma3-270m | a local HF dir | a local .gguf | a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype the weights are held in."""
+    attn_implementation: str | None = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code (needed by some hub models)."""
 
 
 class TrainConfig(_Strict):
@@ -226,21 +246,30 @@ def _format_error(err: dict) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     message = err["msg"].removeprefix("Value error, ")  # our own validators' messages name their keys
+    if message.startswith("method."):  # a method config's own check: the message is the whole line
+        return message
     return f"{key}: {message}{shown}" if key else message
 
 
-def _method_classes() -> dict[str, type[BaseModel]]:
-    return {name: method_class(name).config_class for name in method_names()}
+def field_docs(cls: type) -> dict[str, str | None]:
+    """Each field's docstring, for a pydantic model or a method's config dataclass."""
+    if issubclass(cls, BaseModel):
+        return {name: field.description for name, field in cls.model_fields.items()}
+    return {name: prop.get("description") for name, prop in TypeAdapter(cls).json_schema()["properties"].items()}
+
+
+def _method_keys() -> dict[str, set[str]]:
+    return {name: {f.name for f in dataclasses.fields(method_class(name).config_class)} for name in method_names()}
 
 
 def _drop_other_methods_keys(method: dict, notes: list[str]) -> dict:
     """A recipe tuned for one method (say `method.period` for LoSiA) must not break `method=lora`:
     keys that belong to another method are dropped with a note; unknown keys still fail."""
-    classes = _method_classes()
-    chosen = classes.get(method.get("name"))
+    keys = _method_keys()
+    chosen = keys.get(method.get("name"))
     if chosen is None:
         return method
-    elsewhere = {key for cls in classes.values() for key in cls.model_fields} - set(chosen.model_fields)
+    elsewhere = set().union(*keys.values()) - chosen
     for key in sorted(set(method) & elsewhere):
         notes.append(f"method.{key}={method[key]!r} does not apply to {method['name']}; ignored")
     return {k: v for k, v in method.items() if k not in elsewhere}
@@ -263,15 +292,16 @@ def commented_yaml(cfg: BaseModel, indent: str = "") -> str:
 
     import yaml
 
-    values, lines = cfg.model_dump(mode="json"), []
-    for name, field in type(cfg).model_fields.items():
+    values, lines = TypeAdapter(type(cfg)).dump_python(cfg, mode="json"), []
+    for name, doc in field_docs(type(cfg)).items():
         value = getattr(cfg, name)
-        doc = field.description or (type(value).__doc__ if isinstance(value, BaseModel) else None)
+        section = isinstance(value, BaseModel) or dataclasses.is_dataclass(value)
+        doc = doc or (type(value).__doc__ if isinstance(value, BaseModel) else None)
         if doc:
             lines += [""] if lines else []
             lines += textwrap.wrap(" ".join(doc.split()), 100, initial_indent=f"{indent}# ",
                                    subsequent_indent=f"{indent}# ")
-        if isinstance(value, BaseModel):
+        if section:
             lines.append(f"{indent}{name}:")
             lines.append(commented_yaml(value, indent + "  "))
         else:

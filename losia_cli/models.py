@@ -15,30 +15,18 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from losia_cli import atomic
 from losia_cli.errors import MergeError, ModelError
 from losia_cli.resources import cache_dir
 
+if TYPE_CHECKING:
+    from losia_cli.config import ModelConfig
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-    name_or_path: str
-    """package:smollm2-135m | package:gemma3-270m | a local HF dir | a local .gguf | a hub id."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Dtype the weights are held in."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
-    trust_remote_code: bool = False
-    """Run the model repository's own Python code (needed by some hub models)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +188,8 @@ def load_run_model(run_dir: Path):
         return load_plain(final), tokenizer, None
 
     from peft import PeftModel
+
+    from losia_cli.config import ModelConfig
 
     base = load_plain(Path(resolve_model_path(ModelConfig(**config["model"]))))
     try:

@@ -20,7 +20,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a plain HF dir (converted from the packaged GGUF once)."""
-    from losia_cli.models import ModelConfig, resolve_model_path
+    from losia_cli.config import ModelConfig
+    from losia_cli.models import resolve_model_path
 
     return Path(resolve_model_path(ModelConfig(name_or_path="package:smollm2-135m")))
 

@@ -10,6 +10,7 @@ import torch
 
 from losia_cli.bench import BenchError, run_bench
 from losia_cli.cli import build_parser
+from losia_cli.errors import UsageError
 
 MICRO = dict(family="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -70,6 +71,36 @@ def _bench(*words) -> int:
     return args.run(args)
 
 
+@pytest.mark.parametrize("word, message", [
+    ("bogus=1", "unknown option 'bogus'"),
+    ("batch=0", "batch: must be > 0 (got 0)"),
+    ("batch=x", "batch: expected int (got 'x')"),
+    ("batch=1.5", "batch: expected int (got 1.5)"),
+    ("device=gpu", "device: expected one of auto, cpu, cuda, meta (got 'gpu')"),
+    ("dtype=fp8", "dtype: 'fp8' is not a"),
+    ("rss=maybe", "rss: expected bool"),
+    ("methods=[lora,true]", "methods: expected str (got True)"),
+    ("seq", "expected key=value, got 'seq'"),
+    ("seq=[1", "seq: cannot read the value"),
+])
+def test_bench_options_are_checked(word, message):
+    with pytest.raises(UsageError) as e:
+        _bench(word)
+    assert str(e.value).startswith(message)
+
+
+def test_bench_options_read_as_the_recipe_grammar():
+    from losia_cli.commands.bench import BenchOptions
+    from losia_cli.compose import parse_options
+
+    opts = parse_options(["methods=floor,lora", "rank_factor=1e-1", "dtype=null", "note='a b'", "model=7",
+                          "interleave=false"], BenchOptions)
+    assert (opts.methods, opts.rank_factor, opts.dtype, opts.note, opts.model, opts.interleave) == (
+        ["floor", "lora"], 0.1, None, "a b", "7", False)
+    assert parse_options(["methods=lora"], BenchOptions).methods == ["lora"]  # one value: a list of one
+    assert parse_options(["methods=[lora, dora]"], BenchOptions).methods == ["lora", "dora"]
+
+
 def test_bench_command_writes_json(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,20 +150,54 @@ def test_run_bench_galore():
     assert r["trainable_params"] == r["total_params"] and r["optimizer_state_bytes"] > 0
 
 
-def test_bench_does_not_import_the_training_stack(tmp_path):
-    """`losia bench` runs on a bare GPU image: no datasets, no run config, no training loop. (Still
-    imported: pydantic for the method configs, hydra's key=value parser, rich; accelerate via peft.)"""
+def _bare_site(dest, roots: tuple[str, ...], left_out: set[str]):
+    """A site dir of links to the installed distributions `roots` need (their install requirements,
+    transitively), without the `left_out` ones: what a bare GPU image with only those packages has."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = {}, list(roots)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen or name in left_out:
+            continue
+        try:
+            seen[name] = dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        reqs = (Requirement(r) for r in dist.requires or [])
+        todo += [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+    dest.mkdir()
+    for dist in seen.values():
+        for top in {str(f).split("/")[0] for f in dist.files or []} - {"..", "__pycache__"}:
+            if (dist.locate_file(top)).exists() and not (dest / top).exists():
+                (dest / top).symlink_to(dist.locate_file(top))
+    return sorted(seen)
+
+
+def test_bench_runs_with_only_torch_transformers_and_peft(tmp_path):
+    """`losia bench` on a bare GPU image: only torch, transformers, peft and what they install themselves
+    (accelerate comes with peft). Not there: pydantic and rich (transformers' CLI pulls them in through
+    typer; the GPU image has neither), hydra/omegaconf, datasets, matplotlib. One meta count and one timed
+    CPU step, in an interpreter that sees nothing else (`-S`: no site-packages)."""
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = (
-        "import sys\n"
-        "from losia_cli.cli import main\n"
-        "assert main(['bench', 'model=llama_h512_l4', 'methods=[floor,lora,losia_pro]', 'batch=2', 'seq=16',"
-        " 'device=meta', '--out', sys.argv[1]]) == 0\n"
-        "print(' '.join(m for m in ('datasets', 'losia_cli.data', 'losia_cli.config', 'losia_cli.engine.loop')"
-        " if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "meta.json")], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.splitlines()[-1] == ""
+    site = tmp_path / "site"
+    have = _bare_site(site, ("torch", "transformers", "peft"), {"pydantic", "pydantic-core", "rich", "typer"})
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(have)
+    assert not {"hydra-core", "omegaconf", "datasets", "matplotlib", "pydantic", "rich"} & set(have)
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}:{repo}", "HF_HUB_OFFLINE": "1"}
+    for extra in (["device=meta"], ["device=cpu", "steps=1", "warmup=1", "rss=false", "batch=1", "seq=8"]):
+        out = subprocess.run(
+            [sys.executable, "-S", "-m", "losia_cli.cli", "bench", "model=llama_h512_l4",
+             "methods=[floor,lora,losia_pro]", *extra, "--out", str(tmp_path / "r.json")],
+            capture_output=True, text=True, env=env, cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "| losia_pro |" in out.stdout
+

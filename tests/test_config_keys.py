@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from losia_cli.cli import main
 from losia_cli.compose import load_config
-from losia_cli.config import RunConfig
+from losia_cli.config import RunConfig, field_docs
 from losia_cli.errors import ConfigError, UsageError
 from losia_cli.methods import method_names
 
@@ -27,14 +29,15 @@ def _literal(value) -> str:
     return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
 
 
-def _leaves(model: BaseModel, prefix: str = ""):
-    """(dotted key, value) for every field of the schema, nested sections walked."""
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
+def _leaves(section, prefix: str = ""):
+    """(dotted key, value) for every field of the schema, nested sections (and the method's) walked."""
+    dumped = TypeAdapter(type(section)).dump_python(section, mode="json")
+    for name in field_docs(type(section)):
+        value = getattr(section, name)
+        if isinstance(value, BaseModel) or dataclasses.is_dataclass(value):
             yield from _leaves(value, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{name}", model.model_dump(mode="json")[name]
+            yield f"{prefix}{name}", dumped[name]
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -79,11 +82,11 @@ def test_recipes_cp_writes_one_commented_file_that_trains_as_the_recipe(tmp_path
 def test_every_field_is_documented():
     """`recipes cp` writes a comment per key: every field of every section has a description."""
     def undocumented(cls, prefix=""):
-        for name, field in cls.model_fields.items():
-            kind = field.annotation if isinstance(field.annotation, type) else None
-            if kind is not None and issubclass(kind, BaseModel):
+        for name, doc in field_docs(cls).items():
+            kind = cls.model_fields[name].annotation if issubclass(cls, BaseModel) else None
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
                 yield from undocumented(kind, f"{prefix}{name}.")
-            elif not field.description and name != "name":
+            elif not doc and name != "name":
                 yield prefix + name
 
     from losia_cli.methods import config_classes

@@ -22,9 +22,21 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def test_config_rejects_unknown_keys():
-    with pytest.raises(ValueError):
-        GaloreConfig(rank=4, bogus=1)
+@pytest.mark.parametrize("key, value, message", [
+    ("bogus", 1, "method.bogus: Unexpected keyword argument"),
+    ("rank", 0, "method.rank: must be > 0 (got 0)"),
+    ("update_proj_gap", -1, "method.update_proj_gap: must be > 0"),
+    ("proj_type", "up", "method.proj_type: Input should be"),
+])
+def test_config_refuses_bad_keys_and_values(key, value, message):
+    from losia_cli.compose import load_config
+    from losia_cli.config import validate
+    from losia_cli.errors import ConfigError
+
+    raw = load_config(["method=galore"], quiet=True).model_dump()
+    raw["method"][key] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(raw)
 
 
 def test_galore_trains_tiny_llama():

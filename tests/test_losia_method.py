@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from pydantic import ValidationError
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -145,15 +145,49 @@ def test_recipe_files_hold_only_schema_fields(name):
     """The schema is the one source of defaults: a recipe file lists only what it sets (its paper
     settings), and every key it lists is a field of the schema."""
     fields = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
-    assert set(fields) <= set(LosiaConfig.model_fields)
+    assert set(fields) <= {f.name for f in dataclasses.fields(LosiaConfig)}
     assert LosiaConfig(**fields).name == name
 
 
-def test_config_is_strict():
-    with pytest.raises(ValidationError):
-        LosiaConfig(rank_factr=0.1)
-    with pytest.raises(ValidationError):
+@pytest.mark.parametrize("word, message", [
+    ("method.rank_factr=0.1", "unknown key 'method.rank_factr'"),
+    ("method.period=x", "method.period: Input should be a valid integer"),  # a wrong type
+    ("method.rank_factor=0", "method.rank_factor: must be in (0, 1] (got 0.0)"),
+    ("method.rank_factor=1.5", "method.rank_factor: must be in (0, 1]"),
+    ("method.lora_rank=0", "method.lora_rank: must be > 0"),
+    ("method.period=0", "method.period: must be >= 1"),
+    ("method.rewarm_steps=-1", "method.rewarm_steps: must be >= 0"),
+    ("method.beta1=1", "method.beta1: must be in [0, 1)"),
+    ("method.beta2=-0.1", "method.beta2: must be in [0, 1)"),
+    ("method.lm_head_rows=2", "method.lm_head_rows: must be in [0, 1]"),
+    ("method.slot_pattern='layers\\.\\d+'", "method.slot_pattern: needs a capture group"),
+    ("method.slot_pattern='('", "method.slot_pattern: not a regex"),
+    ("method.target_modules='q_proj('", "method.target_modules: not a regex"),
+    ("method.target_modules=[]", "method.target_modules: is empty"),
+])
+def test_config_is_strict(word, message):
+    """The method config is a plain dataclass (bench builds it without pydantic); the run config still
+    refuses unknown keys, wrong types and out-of-range values in one line naming the key."""
+    from losia_cli.compose import load_config
+    from losia_cli.errors import LosiaError
+
+    with pytest.raises(LosiaError) as e:
+        load_config(["method=losia_pro", word], quiet=True)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_config_refuses_unknown_keys_from_a_file():
+    from losia_cli.compose import load_config
+    from losia_cli.config import validate
+    from losia_cli.errors import ConfigError
+
+    raw = load_config(["method=losia_pro"], quiet=True).model_dump()
+    raw["method"]["rank_factr"] = 0.1
+    with pytest.raises(ConfigError, match="method.rank_factr: Unexpected keyword argument"):
+        validate(raw)
+
+
+def test_config_checks_ranges_without_pydantic():
+    with pytest.raises(ValueError, match="rank_factor"):
         LosiaConfig(rank_factor=0.0)
-    with pytest.raises(ValidationError, match="capture group"):
-        LosiaConfig(slot_pattern=r"layers\.\d+")
     assert LosiaConfig(period=7).rewarm_length == 7 and LosiaConfig(rewarm_steps=0).rewarm_length == 0

@@ -37,14 +37,14 @@ import torch
 
 from losia_cli.bench.memory import cuda_memory_pass, free, rss_pass
 from losia_cli.bench.meta import cost_table, markdown_table
-from losia_cli.bench.plot import load_report, plot_report, print_table
+from losia_cli.bench.plot import load_report, plot_report, timing_table
 from losia_cli.bench.runner import BETAS, EPS, LR, METHODS, Runner
 from losia_cli.bench.shapes import SHAPES, make_batch, vocab_size
 from losia_cli.engine.records import device_name, percentile, versions
 from losia_cli.errors import BenchError
 from losia_cli.models import DTYPES
 
-__all__ = ["BenchError", "METHODS", "SHAPES", "load_report", "markdown_table", "plot_report", "print_table",
+__all__ = ["BenchError", "METHODS", "SHAPES", "load_report", "markdown_table", "plot_report", "timing_table",
            "run_bench"]
 
 

@@ -1,4 +1,4 @@
-"""A bench report as a table (rich) and a bar chart (matplotlib), and a saved report read back."""
+"""A bench report as a Markdown table and a bar chart (matplotlib), and a saved report read back."""
 
 from __future__ import annotations
 
@@ -13,28 +13,25 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}G" if n >= 2**30 else f"{n / 2**20:.1f}M"
 
 
-def print_table(report: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
+def timing_table(report: dict) -> str:
+    """The measured report as a Markdown table under a title line (plain text: readable in a job log)."""
     meta, results = report["meta"], report["results"]
     cfg = meta["config"]
     model = cfg["model"] if isinstance(cfg["model"], str) else "custom"
-    table = Table(title=f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
-                        f"(peak = {meta['peak_memory_metric']})")
-    for column in ("method", "trainable", "median s", "p95 s", "tok/s", "vs floor", "vs lora",
-                   "peak", "accounted", "opt state", "mem vs lora"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    head = ["method", "trainable", "median s", "p95 s", "tok/s", "vs floor", "vs lora", "peak", "accounted",
+            "opt state", "mem vs lora"]
+    lines = [f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
+             f"(peak = {meta['peak_memory_metric']})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        table.add_row(
+        cells = [
             name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.4f}", f"{r['p95_step_s']:.4f}",
             f"{r['tokens_per_s']:.0f}", f"{r.get('step_time_vs_floor', float('nan')):.2f}x",
             f"{r.get('step_time_vs_lora', float('nan')):.2f}x", _gib(r["peak_memory_bytes"]),
             _gib(r["accounted_bytes"]), _gib(r["optimizer_state_bytes"]),
             f"{r.get('memory_vs_lora', float('nan')):.2f}x",
-        )
-    console.print(table)
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 _MEMORY_LABELS = {
@@ -64,7 +61,11 @@ def _bar_label(value: str, r: dict, prefix: str) -> str:
 def plot_report(report: dict, path: str | Path) -> Path:
     """PNG of a bench report: median step time (whisker to p95) and peak memory per method, each bar
     labelled with its ratios to floor and LoRA. Written atomically; matplotlib is imported only here."""
-    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend (Agg)
+    try:
+        from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend (Agg)
+    except ImportError:
+        raise BenchError(f"{path}: a plot needs matplotlib (pip install matplotlib); the results JSON is "
+                         "written, `losia bench --from JSON --plot PNG` draws it later") from None
 
     meta, results = report["meta"], report["results"]
     cfg = meta["config"]

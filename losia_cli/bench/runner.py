@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 
@@ -70,7 +71,7 @@ def make_method(name: str, lora_rank: int, rank_factor: float | None, period: in
         raise BenchError(f"method {name} needs the package {package}: pip install {package}")
     cfg = cls.sized_config(base, lora_rank, rank_factor=rank_factor, period=period)
     if name == "lora_bf16":
-        cfg = cfg.model_copy(update={"adapter_dtype": "base"})
+        cfg = dataclasses.replace(cfg, adapter_dtype="base")
     return cls(cfg)
 
 

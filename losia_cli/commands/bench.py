@@ -3,11 +3,10 @@ Options in the one key=value grammar; --out/--plot/--from name files, as in the 
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from losia_cli.commands.common import command_parser
 from losia_cli.compose import parse_options
@@ -23,26 +22,27 @@ options: {options}
 """
 
 
-class BenchOptions(BaseModel):
-    """What to measure (the key=value options of `losia bench`)."""
+@dataclass
+class BenchOptions:
+    """What to measure (the key=value options of `losia bench`). A plain dataclass: bench runs where only
+    torch, transformers and peft are installed (a bare CUDA image)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = "llama_h512_l4"
     """A shape of losia_cli.bench.SHAPES (random weights) or a local Hugging Face model dir."""
-    methods: list[str] = ["floor", "full", "lora", "losia_pro"]
+    methods: list[str] = field(default_factory=lambda: ["floor", "full", "lora", "losia_pro"])
     """Methods to measure side by side (`[a,b]` or `a,b`)."""
-    batch: int = Field(4, gt=0)
-    seq: int = Field(256, gt=0)
-    steps: int = Field(10, gt=0)
+    batch: int = 4
+    seq: int = 256
+    steps: int = 10
     """Measured steps per method."""
-    warmup: int = Field(2, ge=0)
+    warmup: int = 2
     """Unmeasured steps per method first."""
     device: Literal["auto", "cpu", "cuda", "meta"] = "auto"
     """auto: cuda when available, else cpu. meta: FLOPs and bytes of the real shapes, nothing timed."""
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     """Default: bf16 on cuda and meta, fp32 on cpu."""
     activation_checkpointing: bool = False
-    lora_rank: int = Field(8, gt=0)
+    lora_rank: int = 8
     """LoRA/DoRA/PiSSA/GaLore rank; LoSiA gets the parity rank factor."""
     rank_factor: float | None = None
     """LoSiA p (default: parity with lora_rank)."""
@@ -58,9 +58,14 @@ class BenchOptions(BaseModel):
     note: str | None = None
     """Free text stored as meta.notes (e.g. machine load)."""
 
+    def __post_init__(self):
+        for key in ("batch", "seq", "steps", "lora_rank"):  # steps and warmup: run_bench's check
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0 (got {getattr(self, key)})")
+
 
 def add_parser(subparsers) -> None:
-    options = " ".join(BenchOptions.model_fields)
+    options = " ".join(f.name for f in dataclasses.fields(BenchOptions))
     p = command_parser(subparsers, "bench", "step latency / memory of methods side by side, in one process",
                        EXAMPLES.format(options=options), run)
     p.add_argument("options", nargs="*", help="key=value options, e.g. model=llama2_7b methods=[lora,losia_pro]")
@@ -78,22 +83,20 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import torch
-    from rich.console import Console
 
     from losia_cli import atomic
-    from losia_cli.bench import load_report, markdown_table, plot_report, print_table, run_bench
+    from losia_cli.bench import load_report, markdown_table, plot_report, run_bench, timing_table
     from losia_cli.models import best_device
 
-    console = Console() if sys.stdout.isatty() else Console(width=140)  # logs: don't squeeze the table
     opts = parse_options(args.options, BenchOptions)
     flags = {k: getattr(args, k) for k in ("interleave", "rss", "activation_checkpointing", "note")}
-    opts = opts.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    opts = dataclasses.replace(opts, **{k: v for k, v in flags.items() if v is not None})
     if args.from_json:
         report = load_report(args.from_json)
         if report["meta"]["device"] == "meta":
             raise UsageError(f"{args.from_json} is a meta count (no timings to plot); its table is the .md next to it")
-        print_table(report, console)
-        console.print(f"wrote {plot_report(report, args.plot or Path(args.from_json).with_suffix('.png'))}")
+        print(timing_table(report))
+        print(f"wrote {plot_report(report, args.plot or Path(args.from_json).with_suffix('.png'))}")
         return 0
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -103,7 +106,7 @@ def run(args) -> int:
         warmup=opts.warmup, device=device, dtype=opts.dtype, activation_checkpointing=opts.activation_checkpointing,
         lora_rank=opts.lora_rank, rank_factor=opts.rank_factor, seed=opts.seed, interleave=opts.interleave,
         rss=None if opts.rss else False, period=opts.period, notes=opts.note,
-        progress=lambda msg: console.print(f"[dim]{msg}[/]"),
+        progress=lambda msg: print(msg, flush=True),
     )
     shape = Path(opts.model).name if Path(opts.model).expanduser().is_dir() else opts.model
     out = Path(args.out or f"benchmarks/results/{torch.device(device).type}_{shape}.json")
@@ -114,11 +117,11 @@ def run(args) -> int:
         table = (f"{shape}, B{cfg['batch']}xT{cfg['seq']}, {cfg['dtype']}, one optimizer step, on meta "
                  f"(`{report['meta']['command']}`)\n\n" + markdown_table(list(report["results"].values())) + "\n")
         atomic.write_text(out.with_suffix(".md"), table)
-        console.print(table, markup=False)
-        console.print(f"wrote {out} and {out.with_suffix('.md')}")
+        print(table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
         return 0
-    print_table(report, console)
-    console.print(f"wrote {out}")
+    print(timing_table(report))
+    print(f"wrote {out}")
     if args.plot:
-        console.print(f"wrote {plot_report(report, args.plot)}")
+        print(f"wrote {plot_report(report, args.plot)}")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from losia_cli.commands.common import command_parser, console, err_console
+from losia_cli.commands.common import command_parser
+from losia_cli.commands.console import console, err_console
 
 CHAT_EXAMPLES = """\
 examples:

@@ -1,19 +1,17 @@
-"""What the command modules share: the consoles and the parser pieces every command has."""
+"""What the command modules share: the parser pieces every command has and the error line. Plain
+Python only: `losia bench` runs where rich is not installed (the consoles are in commands/console.py)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
-    err_console.print("[bold red]error:[/]", escape(message))
+    """The one line a user mistake gets (bold red `error:` on a terminal)."""
+    label = "\033[1;31merror:\033[0m" if sys.stderr.isatty() else "error:"
+    print(label, message, file=sys.stderr)
 
 
 def command_parser(subparsers, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from losia_cli.commands.common import add_recipes_option, command_parser, console
+from losia_cli.commands.common import add_recipes_option, command_parser
+from losia_cli.commands.console import console
 from losia_cli.compose import parse_options
 
 EXAMPLES = """\

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from losia_cli.commands.common import command_parser, console
+from losia_cli.commands.common import command_parser
+from losia_cli.commands.console import console
 from losia_cli.compose import parse_options
 from losia_cli.errors import UsageError
 from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig

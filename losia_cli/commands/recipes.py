@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from losia_cli.commands.common import add_recipes_option, command_parser, console
+from losia_cli.commands.common import add_recipes_option, command_parser
+from losia_cli.commands.console import console
 from losia_cli.compose import is_config_file, load_config, recipe_names
 from losia_cli.errors import UsageError
 from losia_cli.resources import recipes_dir

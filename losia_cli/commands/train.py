@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from losia_cli.commands.common import add_recipes_option, command_parser, console, print_error
+from losia_cli.commands.common import add_recipes_option, command_parser, print_error
+from losia_cli.commands.console import console
 from losia_cli.compose import is_config_file, load_config, sweep_words
 from losia_cli.errors import LosiaError, UsageError
 from losia_cli.resources import recipes_dir

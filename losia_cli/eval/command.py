@@ -40,9 +40,8 @@ def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
 def load_target(target: str):
     """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
     from losia_cli.engine.rundir import timestamp
-    from losia_cli.models import (
-        ModelConfig, best_device, load_model, load_run_model, load_tokenizer, resolve_model_path,
-    )
+    from losia_cli.config import ModelConfig
+    from losia_cli.models import best_device, load_model, load_run_model, load_tokenizer, resolve_model_path
 
     path = Path(target)
     if (path / "config.yaml").is_file():  # a run dir (load_run_model names a missing final/)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
-
-from pydantic import Field
-
 from losia_cli.methods.base import Distributed, Method, Records, TrainContext, WarmupCosine
 from losia_cli.methods.full import FullMethod
 from losia_cli.methods.galore import GaloreMethod
@@ -21,9 +17,7 @@ register(PissaMethod)
 register(GaloreMethod)
 register(LosiaMethod)
 
-MethodConfig = Annotated[Union[config_classes()], Field(discriminator="name")]
-
 __all__ = [
-    "Distributed", "Method", "MethodConfig", "Records", "TrainContext", "WarmupCosine", "build_method",
-    "exports_adapter", "method_class", "method_names", "register",
+    "Distributed", "Method", "Records", "TrainContext", "WarmupCosine", "build_method",
+    "config_classes", "exports_adapter", "method_class", "method_names", "register",
 ]

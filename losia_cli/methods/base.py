@@ -35,6 +35,21 @@ from torch import nn
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def method_config(cls: type) -> type:
+    """Decorator of a method's config (the `method:` section): a plain dataclass, so that `losia bench`
+    builds methods with torch, transformers and peft alone. The run config (config.py) validates it with
+    pydantic all the same: field types, unknown keys refused, field docstrings as descriptions; ranges
+    are checked in `__post_init__` with `check`."""
+    cls.__pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}
+    return dataclass(cls)
+
+
+def check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """A method config's range check; the message names the key as the user wrote it."""
+    if not ok:
+        raise ValueError(f"method.{key}: {rule} (got {value!r})")
+
+
 class DeviceTimer:
     """Summed seconds of timed sections, on the device's clock. On CUDA, where kernels run after the
     host has moved on, a section is a pair of CUDA events, read once its end has completed: what the
@@ -161,7 +176,7 @@ class Method:
     names: ClassVar[tuple[str, ...]] = ()
     """The recipe's `method.name` values this class implements (`method=<name>`)."""
     config_class: ClassVar[type | None] = None
-    """The pydantic model of the `method:` section; its `name` field is a Literal of `names`."""
+    """The `method:` section's class (a `method_config` dataclass); its `name` field is a Literal of `names`."""
     export_kind: ClassVar[str] = "full"
     """What `final/` holds: "full" weights (a plain HF model) or an "adapter" that `losia merge` folds."""
     unsupported_dist: ClassVar[dict[str, str]] = {}

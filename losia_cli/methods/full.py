@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from losia_cli.methods.base import Method, TrainContext
+from losia_cli.methods.base import Method, TrainContext, method_config
 
 
-class FullConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@method_config
+class FullConfig:
     name: Literal["full"] = "full"
 
 

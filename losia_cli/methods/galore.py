@@ -13,30 +13,35 @@ from __future__ import annotations
 
 from typing import Literal
 
+from dataclasses import field
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
+from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext, check, method_config
 
 
 _FLATTENS = "dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp"
 
 
-class GaloreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+@method_config
+class GaloreConfig:
     name: Literal["galore"] = "galore"
-    rank: int = Field(128, gt=0)
+    rank: int = 128
     """Rank of the gradient projection."""
-    update_proj_gap: int = Field(200, gt=0)
+    update_proj_gap: int = 200
     """Steps between SVDs of the gradient (projector refresh)."""
     scale: float = 0.25
     """The projected-back update is multiplied by this (GaLore's alpha)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
     """Which side(s) of the gradient GaLore projects."""
-    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Linears trained with projected gradients (names or dotted suffixes); the rest train densely."""
+
+    def __post_init__(self):
+        check(self.rank > 0, "rank", "must be > 0", self.rank)
+        check(self.update_proj_gap > 0, "update_proj_gap", "must be > 0", self.update_proj_gap)
 
 
 class GaloreMethod(Method):

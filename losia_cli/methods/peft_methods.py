@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext
+from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext, method_config
 
 
-class PeftMethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+@method_config
+class PeftMethodConfig:
     name: Literal["lora", "dora", "pissa"]
     rank: int = 8
     """Adapter rank r."""
@@ -22,7 +22,7 @@ class PeftMethodConfig(BaseModel):
     """Adapter scale numerator (update scaled by alpha / r); null: 2 * rank, the common choice."""
     dropout: float = 0.0
     """Dropout on the adapter's input."""
-    target_modules: list[str] | str = LLAMA_PROJECTIONS
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """As peft: module names, a regex, or "all-linear"."""
     pissa_niter: int | None = 16
     """Fast SVD iterations for PiSSA init; null = exact SVD."""

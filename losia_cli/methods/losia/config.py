@@ -7,38 +7,36 @@ reference's quirks back on (doc section 10, item 7).
 from __future__ import annotations
 
 import re
+from dataclasses import field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from losia_cli.methods.base import LLAMA_PROJECTIONS
+from losia_cli.methods.base import LLAMA_PROJECTIONS, check, method_config
 
 
-class LosiaConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
+@method_config
+class LosiaConfig:
     name: Literal["losia", "losia_pro"] = "losia_pro"
     """Method name; `losia` is the dense-autograd reference, `losia_pro` the compact autograd function."""
 
     pro: bool | None = None
     """Use the compact (Pro) autograd function; None means `name == "losia_pro"`."""
 
-    target_modules: list[str] | str = Field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Linears to subnet-train. A list matches a module name or its dotted suffix (like PEFT); a str is a
     regex that must match the whole qualified module name; "all-linear" is every nn.Linear/Conv1D except
     the output head."""
 
-    rank_factor: float = Field(0.125, gt=0.0, le=1.0)
+    rank_factor: float = 0.125
     """p: the block keeps floor(p*m) rows and floor(p*n) columns of an m x n weight (at least 1 each)."""
 
-    lora_rank: int | None = Field(None, gt=0)
+    lora_rank: int | None = None
     """When set, p is chosen per matrix as sqrt(r(m+n)/(mn)) so the block has LoRA-rank-r's parameter
     count (method doc 3.2); `rank_factor` is then ignored."""
 
-    period: int = Field(50, ge=1)
+    period: int = 50
     """T: optimizer steps per time slot; each slot one layer scores, then re-localizes."""
 
-    rewarm_steps: int | None = Field(None, ge=0)
+    rewarm_steps: int | None = None
     """T_w: length of the LR ramp after a re-localization; None means T, 0 disables the rewarm."""
 
     schedule: Literal["async", "sync"] = "async"
@@ -48,10 +46,10 @@ class LosiaConfig(BaseModel):
     importance: Literal["param_mix", "param_first", "param_second"] = "param_mix"
     """Sensitivity I_t: |WG - (WG)^2/2|, |WG| or (WG)^2 (method doc 3.3)."""
 
-    beta1: float = Field(0.85, ge=0.0, lt=1.0)
+    beta1: float = 0.85
     """EMA factor of the sensitivity average I-bar."""
 
-    beta2: float = Field(0.85, ge=0.0, lt=1.0)
+    beta2: float = 0.85
     """EMA factor of the uncertainty average U-bar."""
 
     selection: Literal["best", "independent", "rows_first", "cols_first"] = "best"
@@ -64,7 +62,7 @@ class LosiaConfig(BaseModel):
     """What else trains with plain dense AdamW: nothing (pure PEFT), the norm weights, or every
     remaining parameter (embeddings, norms, biases, an un-subnetted lm_head: the reference)."""
 
-    lm_head_rows: float = Field(0.0, ge=0.0, le=1.0)
+    lm_head_rows: float = 0.0
     """p_out: when > 0 the output head is subnet-trained on floor(p_out*V) vocabulary rows and all
     hidden columns, as slot 0 (decoder layers shift by one, method doc 3.6)."""
 
@@ -86,21 +84,25 @@ class LosiaConfig(BaseModel):
     fp32_sub: bool = True
     """Keep the trainable block `sub` in fp32 (a master copy) even when the model weights are bf16."""
 
-    @field_validator("slot_pattern")
-    @classmethod
-    def _one_group(cls, pattern: str) -> str:
-        if re.compile(pattern).groups < 1:
-            raise ValueError(f"slot_pattern {pattern!r} needs a capture group for the layer index")
-        return pattern
-
-    @field_validator("target_modules")
-    @classmethod
-    def _valid_targets(cls, targets: list[str] | str) -> list[str] | str:
-        if isinstance(targets, str) and targets != "all-linear":
-            re.compile(targets)
-        elif isinstance(targets, list) and not targets:
-            raise ValueError("target_modules is empty")
-        return targets
+    def __post_init__(self):
+        check(0.0 < self.rank_factor <= 1.0, "rank_factor", "must be in (0, 1]", self.rank_factor)
+        check(self.lora_rank is None or self.lora_rank > 0, "lora_rank", "must be > 0", self.lora_rank)
+        check(self.period >= 1, "period", "must be >= 1", self.period)
+        check(self.rewarm_steps is None or self.rewarm_steps >= 0, "rewarm_steps", "must be >= 0", self.rewarm_steps)
+        for key in ("beta1", "beta2"):
+            check(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)", getattr(self, key))
+        check(0.0 <= self.lm_head_rows <= 1.0, "lm_head_rows", "must be in [0, 1]", self.lm_head_rows)
+        try:
+            groups = re.compile(self.slot_pattern).groups
+        except re.error as e:
+            raise ValueError(f"method.slot_pattern: not a regex: {e}") from None
+        check(groups >= 1, "slot_pattern", "needs a capture group for the layer index", self.slot_pattern)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"method.target_modules: not a regex: {e}") from None
+        check(self.target_modules != [], "target_modules", "is empty", self.target_modules)
 
     @property
     def use_pro(self) -> bool:
