@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_losia_support import build, make_optimizer, tiny_llama, train
+from test_scorer_fused import assert_compiled_matches_eager
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -74,6 +75,10 @@ def test_scoring_accumulates_the_dense_gradient():
     assert wrapped.scorer.grad_acc.dtype == torch.float32
     torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad.float(), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad.float()[rows][:, cols], atol=5e-2, rtol=2e-2)
+
+
+def test_compiled_scorer_update_matches_eager():
+    assert_compiled_matches_eager(torch.device("cuda"), "param_mix", torch.bfloat16)
 
 
 def test_device_timer_times_cuda_work_without_waiting_for_it():

@@ -3,9 +3,22 @@
 Per matrix and per optimizer step of its scoring slot: I_t from the step's full weight gradient and the
 weight the step's forward used; AdaLoRA-style EMAs starting at zero, no bias correction; at the end of
 the slot S = I-bar * U-bar. Only the scoring layer holds these (m x n, fp32) buffers.
+
+The update is elementwise, so memory traffic is its cost. Eager it runs 8 kernels (6 for param_first
+and param_second) that together move 19 (17) m x n fp32 tensors' worth of bytes. On CUDA it runs as one
+kernel compiled by torch.compile (inductor): it reads grad_acc, W, I-bar and U-bar and writes grad_acc,
+I-bar and U-bar once each, 7. At 7B's 11008 x 4096 scoring layer (180 MB per tensor) that is 3.4 GB ->
+1.3 GB per step. CPU stays eager (bit-exact with the reference implementation); LOSIA_COMPILE_SCORER=0
+keeps CUDA eager too. If compiling fails (no triton, a dynamo error, more distinct shapes than dynamo's
+recompile limit) the update warns once and stays eager for the rest of the process.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
 
 import torch
 
@@ -27,6 +40,56 @@ def sensitivity(weight: torch.Tensor, grad: torch.Tensor, kind: str = "param_mix
     return sensitivity_(weight.float() * grad.float(), kind)
 
 
+def ema_step_(grad_acc: torch.Tensor, weight: torch.Tensor, ibar: torch.Tensor, ubar: torch.Tensor,
+              kind: str, beta1: float, beta2: float) -> None:
+    """One EMA step, in place: I-bar and U-bar advance from I_t(grad_acc, weight), grad_acc ends zeroed.
+
+    Eager it needs no m x n temporaries (I_t lives in grad_acc); compiled, inductor turns the same
+    in-place ops into one kernel that writes the three buffers' final values.
+    """
+    i_t = sensitivity_(grad_acc.mul_(weight), kind)
+    ibar.lerp_(i_t, 1.0 - beta1)  # beta1 * ibar + (1 - beta1) * I_t
+    ubar.lerp_(i_t.sub_(ibar).abs_(), 1.0 - beta2)
+    grad_acc.zero_()
+
+
+@functools.cache
+def _compiled(kind: str, beta1: float, beta2: float) -> Callable[..., None]:
+    """`ema_step_` with the importance kind and betas baked in as constants, compiled lazily (at the
+    first call, once per distinct shape and dtype)."""
+
+    def step(grad_acc, weight, ibar, ubar):
+        ema_step_(grad_acc, weight, ibar, ubar, kind, beta1, beta2)
+
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+_compile_failure: str | None = None  # why compiling failed once in this process; then eager for good
+
+
+def _step_compiled(args: tuple[torch.Tensor, ...], kind: str, beta1: float, beta2: float) -> bool:
+    """Run the compiled step; False (warning the first time) if it cannot be compiled."""
+    global _compile_failure
+    if _compile_failure is not None:
+        return False
+    try:
+        _compiled(kind, beta1, beta2)(*args)
+        return True
+    except Exception as exc:
+        # Broad on purpose: a training run must not stop over an optimization, and a compile error is
+        # raised before the kernel writes anything, so the eager step after it starts from the same buffers.
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        _compile_failure = f"{type(exc).__name__}: {first_line}"
+        warnings.warn(f"LoSiA scorer: torch.compile failed ({_compile_failure}); updating eagerly instead",
+                      RuntimeWarning, stacklevel=2)
+        return False
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether `Scorer.update` compiles on this device: on CUDA, unless LOSIA_COMPILE_SCORER=0."""
+    return device.type == "cuda" and os.environ.get("LOSIA_COMPILE_SCORER", "1") != "0"
+
+
 class Scorer:
     """The score state of one matrix during its scoring slot.
 
@@ -42,16 +105,17 @@ class Scorer:
         self.weight: torch.Tensor | None = None  # the weight the step's forward used (set by the layer)
 
     @torch.no_grad()
-    def update(self, weight: torch.Tensor | None = None) -> None:
-        """One EMA step from the accumulated gradient and the weight the step's forward used (by
-        default the one the layer recorded).
+    def update(self, weight: torch.Tensor | None = None, *, compiled: bool | None = None) -> None:
+        """One EMA step (`ema_step_`) from the accumulated gradient and the weight the step's forward
+        used (by default the one the layer recorded); leaves `grad_acc` zeroed for the next step.
 
-        Works in place in `grad_acc` (no m x n temporaries) and leaves it zeroed for the next step.
+        compiled: run it as one compiled kernel; by default on CUDA only (`compile_by_default`).
         """
-        i_t = sensitivity_(self.grad_acc.mul_(self.weight if weight is None else weight), self.kind)
-        self.ibar.lerp_(i_t, 1.0 - self.beta1)  # beta1 * ibar + (1 - beta1) * I_t
-        self.ubar.lerp_(i_t.sub_(self.ibar).abs_(), 1.0 - self.beta2)
-        self.grad_acc.zero_()
+        args = (self.grad_acc, self.weight if weight is None else weight, self.ibar, self.ubar)
+        if compiled is None:
+            compiled = compile_by_default(self.grad_acc.device)
+        if not (compiled and _step_compiled(args, self.kind, self.beta1, self.beta2)):
+            ema_step_(*args, self.kind, self.beta1, self.beta2)
 
     def score(self) -> torch.Tensor:
         return self.ibar * self.ubar
