@@ -267,7 +267,8 @@ def _dataclass_from(cls, raw: dict):
     from types import NoneType, UnionType
     from typing import Literal, Union, get_args, get_type_hints
 
-    hints = {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    types = get_type_hints(cls)
+    hints = {f.name: types[f.name] for f in dataclasses.fields(cls)}
 
     def convert(key: str, value, kind):
         origin, args = get_origin(kind), get_args(kind)
