@@ -201,3 +201,24 @@ def test_bench_runs_with_only_torch_transformers_and_peft(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         assert "| losia_pro |" in out.stdout
 
+
+
+def test_mfu_is_six_n_per_token_over_the_gpus_peak(monkeypatch):
+    """MFU (the issue's GPU target reports it): 6 x params x tokens/s over the bf16 peak of the named GPU;
+    none on a CPU or an unknown GPU. The bench table shows it."""
+    from types import SimpleNamespace
+
+    from losia_cli.bench import timing_table
+    from losia_cli.engine.records import model_flops_utilisation
+
+    cuda = SimpleNamespace(type="cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    assert model_flops_utilisation(cuda, 7e9, 2000.0, world=1) == pytest.approx(6 * 7e9 * 2000 / 989e12)
+    assert model_flops_utilisation(cuda, 7e9, 2000.0, world=2) == pytest.approx(6 * 7e9 * 1000 / 989e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    assert model_flops_utilisation(cuda, 7e9, 2000.0, world=1) is None
+    assert model_flops_utilisation(torch.device("cpu"), 7e9, 2000.0, world=1) is None
+    report = run_bench(MICRO, ["floor", "lora"], batch=1, seq=8, steps=1, warmup=1, rss=False)
+    assert report["results"]["lora"]["mfu"] is None  # CPU
+    report["results"]["lora"]["mfu"] = 0.4215
+    assert "| 42.1% |" in timing_table(report) or "| 42.2% |" in timing_table(report)

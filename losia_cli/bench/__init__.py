@@ -40,7 +40,7 @@ from losia_cli.bench.meta import cost_table, markdown_table
 from losia_cli.bench.plot import load_report, plot_report, timing_table
 from losia_cli.bench.runner import BETAS, EPS, LR, METHODS, Runner
 from losia_cli.bench.shapes import SHAPES, make_batch, vocab_size
-from losia_cli.engine.records import device_name, percentile, versions
+from losia_cli.engine.records import device_name, model_flops_utilisation, percentile, versions
 from losia_cli.errors import BenchError
 from losia_cli.models import DTYPES
 
@@ -178,6 +178,7 @@ def _finish(runner: Runner, out: dict, tokens: int, cuda_peak: bool) -> None:
     out.update(step_times_s=times, median_step_s=statistics.median(times), p95_step_s=percentile(times, 95),
                mean_step_s=statistics.fmean(times))
     out["tokens_per_s"] = tokens / out["median_step_s"]
+    out["mfu"] = model_flops_utilisation(runner.device, out["total_params"], out["tokens_per_s"], world=1)
     runner.close()
 
 

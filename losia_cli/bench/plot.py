@@ -18,14 +18,15 @@ def timing_table(report: dict) -> str:
     meta, results = report["meta"], report["results"]
     cfg = meta["config"]
     model = cfg["model"] if isinstance(cfg["model"], str) else "custom"
-    head = ["method", "trainable", "median s", "p95 s", "tok/s", "vs floor", "vs lora", "peak", "accounted",
+    head = ["method", "trainable", "median s", "p95 s", "tok/s", "MFU", "vs floor", "vs lora", "peak", "accounted",
             "opt state", "mem vs lora"]
     lines = [f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
              f"(peak = {meta['peak_memory_metric']})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         cells = [
             name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.4f}", f"{r['p95_step_s']:.4f}",
-            f"{r['tokens_per_s']:.0f}", f"{r.get('step_time_vs_floor', float('nan')):.2f}x",
+            f"{r['tokens_per_s']:.0f}", "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
+            f"{r.get('step_time_vs_floor', float('nan')):.2f}x",
             f"{r.get('step_time_vs_lora', float('nan')):.2f}x", _gib(r["peak_memory_bytes"]),
             _gib(r["accounted_bytes"]), _gib(r["optimizer_state_bytes"]),
             f"{r.get('memory_vs_lora', float('nan')):.2f}x",

@@ -34,7 +34,7 @@ from losia_cli.engine.distributed import (
 from losia_cli.engine.fingerprint import ranks_in_sync
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
-from losia_cli.engine.records import BufferedRecords, RunRecords, step_timings
+from losia_cli.engine.records import BufferedRecords, RunRecords, model_flops_utilisation, step_timings
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
 from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
@@ -385,7 +385,7 @@ def _report(run: Run, in_sync: bool) -> dict:
         "total_steps": run.total_steps,
         "step_time_s": {"p50": timings["p50"], "p95": timings["p95"]},
         "tokens_per_s": timings["tokens_per_s"],
-        "mfu": _model_flops_utilisation(device, summary["total_params"], timings["tokens_per_s"], run.world),
+        "mfu": model_flops_utilisation(device, summary["total_params"], timings["tokens_per_s"], run.world),
         "peak_mem_bytes": peak_memory(device),
         **run.method.report_extras(),
         "num_processes": run.world,
@@ -426,17 +426,3 @@ def peak_memory(device: torch.device) -> int:
         return int(status.split("VmHWM:")[1].split()[0]) * 1024  # kB
     except (OSError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) by GPU name; MFU is reported for these only.
-_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-def _model_flops_utilisation(device, params: int, tokens_per_s: float, world: int) -> float | None:
-    """6 N FLOPs per trained token (forward + full backward: the usual model-FLOPs convention, the
-    same for every method, so a cheaper backward shows as a higher MFU) over the GPUs' bf16 peak."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
-    return 6 * params * tokens_per_s / (peak * world) if peak else None

@@ -50,6 +50,20 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name; MFU is reported for these only.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def model_flops_utilisation(device, params: int, tokens_per_s: float, world: int) -> float | None:
+    """6 N FLOPs per trained token (forward + full backward: the usual model-FLOPs convention, the
+    same for every method, so a cheaper backward shows as a higher MFU) over the GPUs' bf16 peak."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    return 6 * params * tokens_per_s / (peak * world) if peak else None
+
+
 def step_timings(step_times: list[float], tokens: list[int]) -> dict:
     """p50/p95 step time and tokens/s of a run (report.json), leaving out the first step, which pays
     one-off warm-up costs (allocator, kernels)."""
