@@ -57,6 +57,34 @@ def test_bytes(rows):
         assert row["accounted_bytes"] == sum(row[k] for k in parts)
 
 
+def test_op_counter_counts_work_and_its_bytes():
+    """One op per kernel-launching aten call (views and allocations excluded); bytes are the distinct
+    inputs read plus the outputs written (an in-place op's target both)."""
+    import torch
+
+    from losia_cli.bench.meta import OpCounter
+
+    x, index = torch.empty(1000, device="meta"), torch.empty(10, dtype=torch.long, device="meta")
+    a, b = torch.empty(10, 20, device="meta", dtype=torch.bfloat16), torch.empty(20, 30, device="meta", dtype=torch.bfloat16)
+    with OpCounter() as count:
+        y = x + x  # reads x once: 4000 + 4000
+        y.view(10, 100).t()  # views: no kernel
+        y.add_(x)  # reads y and x, writes y: 12000
+        torch.mm(a, b)  # (200 + 600) * 2 read, 300 * 2 written
+        torch.empty_like(y)
+        y.index_copy_(0, index, x[:10])  # the index (80) and the source (40) read, 40 written
+    assert (count.ops, count.traffic_bytes) == (4, 8000 + 12000 + 1600 + 600 + 80 + 80)
+
+
+def test_traffic_and_ops_per_method(rows):
+    """The counts the GPU lead is expected to come from: Pro moves fewer bytes in fewer ops than LoRA
+    (peft's fp32 adapters: casts both ways) and than lora_bf16, and more than the floor."""
+    floor, pro, lora, lora16 = (rows[m] for m in ("floor", "losia_pro", "lora", "lora_bf16"))
+    assert floor["traffic_bytes"] < pro["traffic_bytes"] < lora16["traffic_bytes"] < lora["traffic_bytes"]
+    assert floor["ops"] < pro["ops"] < lora16["ops"] < lora["ops"]
+    assert pro["traffic_vs_lora"] == pro["traffic_bytes"] / lora["traffic_bytes"]
+
+
 def test_table_and_cli(rows, tmp_path, capsys):
     table = markdown_table(list(rows.values()))
     assert table.count("\n") == len(rows) + 1 and "| losia_pro |" in table

@@ -12,6 +12,12 @@ model costs seconds. Per method:
   run in its optimizer).
 - bytes, as bench accounts them on a real device (runner.py): parameters, buffers, gradients,
   optimizer state, saved activations and LoSiA's scorer buffers; `accounted_bytes` is their sum.
+- `ops` and `traffic_bytes` (`OpCounter`): the aten ops of the step that do work (an eager GPU step
+  launches about one kernel each; views and allocations excluded) and the bytes they read and write,
+  each op's distinct tensor inputs read once and its outputs written once (an in-place op's target both;
+  an indexed write, only the part it writes): memory traffic without any cache reuse or fusion. Where arithmetic is
+  about even (Pro/floor FLOPs ~1.01), this is what a GPU step's time differs by. LoSiA's scorer update
+  counts here as its 8 eager ops; on CUDA it is one compiled kernel (methods/losia/importance.py).
 
 Attention is counted as the fused kernel a GPU runs (see `_fused_attention`). PiSSA is measured as
 LoRA: its SVD initialisation needs values, and it changes only initial values, never a shape.
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from losia_cli.bench.runner import Runner
@@ -39,6 +47,40 @@ def _fused_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out.transpose(1, 2).contiguous(), None
 
 
+# Ops that allocate without writing (no kernel on a GPU) or only read metadata.
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+# In-place ops that write only the indexed part of their target (`self, ..., source` as the last argument):
+# LoSiA's write-through of the block into W, for one.
+_INDEXED_WRITES = {"index_copy_", "index_put_", "index_add_", "scatter_", "scatter_add_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that do work and the bytes of their tensor inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.traffic_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.ops += 1
+            if func.overloadpacket.__name__ in _INDEXED_WRITES:  # only the indexed part of the target moves
+                self.traffic_bytes += _bytes_of((args[1:], kwargs)) + _bytes_of(args[-1])
+            else:
+                self.traffic_bytes += _bytes_of((args, kwargs)) + _bytes_of(out)  # read, then written (in place too)
+        return out
+
+
+def _bytes_of(tree) -> int:
+    tensors = {id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}  # mul(x, x) reads x once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def measure(spec: dict, name: str) -> dict:
     """One method's FLOPs and bytes for one optimizer step (grad_accum 1) of `spec`'s shape, on meta."""
     from transformers import AttentionInterface
@@ -47,13 +89,16 @@ def measure(spec: dict, name: str) -> dict:
     ids = torch.zeros(spec["batch"], spec["seq"], dtype=torch.long, device="meta")
     runner = Runner("lora" if name == "pissa" else name, {**spec, "attention": "meta_fused"},
                     Batch(ids, spec["batch"] * (spec["seq"] - 1)))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        runner.step(account=True)
+    runner.step(account=True)  # the first step builds lazy state (optimizer moments): count a later one
+    counter, ops = FlopCounterMode(display=False), OpCounter()
+    with counter, ops:
+        runner.step()
     row = {
         "method": name,
         "trainable_params": runner.method.describe()["trainable_params"],
         "flops": counter.get_total_flops(),
+        "ops": ops.ops,
+        "traffic_bytes": ops.traffic_bytes,
         "flops_analytic": analytic_flops(runner.model, name, spec["batch"], spec["seq"]),
         **runner.memory,
     }
@@ -129,6 +174,7 @@ def cost_table(spec: dict, methods: list[str]) -> dict[str, dict]:
             if ref in rows:
                 row[f"flops_vs_{ref}"] = row["flops"] / rows[ref]["flops"]
                 row[f"accounted_vs_{ref}"] = row["accounted_bytes"] / rows[ref]["accounted_bytes"]
+                row[f"traffic_vs_{ref}"] = row["traffic_bytes"] / rows[ref]["traffic_bytes"]
     return rows
 
 
@@ -138,13 +184,14 @@ def _size(n: int) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (printed by the CLI, committed next to the JSON)."""
-    head = ["method", "trainable", "TFLOP/step", "vs floor", "analytic", "params", "grads", "opt state",
-            "activations", "scorer", "accounted", "vs lora"]
+    head = ["method", "trainable", "TFLOP/step", "vs floor", "analytic", "ops", "traffic", "vs floor", "vs lora",
+            "params", "grads", "opt state", "activations", "scorer", "accounted", "vs lora"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         analytic = "-" if r["flops_analytic"] is None else f"{r['flops_analytic'] / 1e12:.3f}"
         cells = [r["method"], f"{r['trainable_params']:,}", f"{r['flops'] / 1e12:.3f}",
-                 f"{r.get('flops_vs_floor', float('nan')):.4f}x", analytic]
+                 f"{r.get('flops_vs_floor', float('nan')):.4f}x", analytic, f"{r['ops']:,}", _size(r["traffic_bytes"]),
+                 f"{r.get('traffic_vs_floor', float('nan')):.2f}x", f"{r.get('traffic_vs_lora', float('nan')):.2f}x"]
         cells += [_size(r[k]) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes",
                                         "scorer_bytes", "accounted_bytes")]
         cells.append(f"{r.get('accounted_vs_lora', float('nan')):.2f}x")

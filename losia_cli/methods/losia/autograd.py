@@ -41,8 +41,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32. A low-precision GEMM on CUDA writes its fp32 accumulator out as it is (no
-    rounding to bf16 and back); elsewhere the GEMM runs in the inputs' dtype."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+    rounding to bf16 and back; meta, the cost model, takes the same path); elsewhere the GEMM runs in
+    the inputs' dtype."""
+    if (a.is_cuda or a.is_meta) and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
 
