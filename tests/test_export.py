@@ -129,8 +129,9 @@ def _check_spm_vocab(reader, model_file, source):
         else:
             expected = T.NORMAL if added is None else T.CONTROL if added.special else T.USER_DEFINED
         assert (tokens[i], types[i]) == (sp.IdToPiece(i), expected), i
-    normal = [i for i in range(sp.vocab_size()) if types[i] == T.NORMAL]
-    assert sorted(normal, key=lambda i: -scores[i]) == sorted(normal, key=lambda i: -sp.GetScore(i))
+    normal = [i for i in range(sp.vocab_size()) if types[i] == T.NORMAL]  # ranked alike, ties included
+    rank = lambda values: np.unique(values, return_inverse=True)[1].tolist()  # noqa: E731
+    assert rank([scores[i] for i in normal]) == rank([sp.GetScore(i) for i in normal])
     for key, value in (("bos_token_id", source.bos_token_id), ("eos_token_id", source.eos_token_id),
                        ("unknown_token_id", source.unk_token_id), ("add_bos_token", True)):
         assert _field(reader, f"tokenizer.ggml.{key}") == value, key
@@ -161,6 +162,16 @@ def test_sentencepiece_llama_round_trip(spm_llama_dir, tmp_path, vocab_from):
     assert "output.weight" in {tensor.name for tensor in reader.tensors}  # untied, as Llama-2
 
 
+def test_stale_tokenizer_model_is_refused(spm_llama_dir, gemma_dir, tmp_path, capsys):
+    """A tokenizer.model that is not the tokenizer's vocabulary would write the wrong tokens."""
+    source = tmp_path / "source"
+    shutil.copytree(spm_llama_dir, source)
+    shutil.copy(gemma_dir / "tokenizer.model", source / "tokenizer.model")
+    assert main(["export", str(source), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "tokenizer.model does not hold the tokenizer's vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_gemma_file_holds_the_rounded_model(gemma_dir, tmp_path, outtype):
     """Gemma: transformers 5.23 cannot load a `gemma` GGUF, so the file is read with gguf's reader and
@@ -185,13 +196,29 @@ def test_gemma_file_holds_the_rounded_model(gemma_dir, tmp_path, outtype):
                        ("blk.1.ffn_norm", layers[1].post_attention_layernorm)):
         assert np.array_equal(stored[f"{name}.weight"], (norm.weight.detach() + 1).numpy()), name
     round_like_gguf_(source, outtype)
-    for name, weight in (("token_embd", source.model.embed_tokens.weight), ("blk.0.attn_q", layers[0].self_attn.q_proj.weight),
+    for name, weight in (("token_embd", source.model.embed_tokens.weight),
+                         ("blk.0.attn_q", layers[0].self_attn.q_proj.weight),
                          ("blk.1.attn_k", layers[1].self_attn.k_proj.weight)):
         assert np.array_equal(stored[f"{name}.weight"], weight.detach().numpy()), name
     _check_spm_vocab(reader, gemma_dir / "tokenizer.model", AutoTokenizer.from_pretrained(gemma_dir))
     assert _field(reader, "tokenizer.ggml.add_space_prefix") is False
     gguf_tokenizer = GemmaTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert gguf_tokenizer(SPM_TEXT)["input_ids"] == AutoTokenizer.from_pretrained(gemma_dir)(SPM_TEXT)["input_ids"]
+
+
+def test_gemma_file_that_differs_is_refused(gemma_dir, tmp_path, monkeypatch, capsys):
+    """Without transformers to read it back, gguf's reader is what catches a wrong Gemma file."""
+    from losia_cli import export
+
+    def corrupted(model, outtype):
+        for name, data, qtype in real(model, outtype):
+            yield name, data * 2 if name == "blk.1.ffn_norm.weight" else data, qtype
+
+    real = export._gguf_tensors
+    monkeypatch.setattr(export, "_gguf_tensors", corrupted)
+    assert main(["export", str(gemma_dir), "--format", "gguf", "--out", str(tmp_path / "bad.gguf")]) == 2
+    assert "verification failed: blk.1.ffn_norm.weight differs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _check_round_trip(source_dir, out, outtype, text=TEXT):
