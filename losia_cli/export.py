@@ -11,6 +11,7 @@ must equal the rounded source weight. Only then is it renamed into place.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -152,7 +153,10 @@ def _add_bpe_vocab(writer, tokenizer, vocab_size: int) -> None:
 
 
 def _sentencepiece_file(tokenizer) -> Path | None:
-    """The tokenizer.model the tokenizer was loaded beside, if any (a run's final/ has none)."""
+    """The tokenizer.model the tokenizer was loaded beside, if any (a run's final/ has none) and the
+    sentencepiece package is there to read it."""
+    if importlib.util.find_spec("sentencepiece") is None:
+        return None
     for candidate in (getattr(tokenizer, "vocab_file", None), Path(tokenizer.name_or_path) / "tokenizer.model"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -203,9 +207,8 @@ def _add_spm_vocab(writer, tokenizer, vocab_size: int) -> None:
     _spm_base_vocab(tokenizer, tokens, scores, types)
     for i, added in tokenizer.added_tokens_decoder.items():
         if types[i] not in (gguf.TokenType.UNKNOWN, gguf.TokenType.BYTE):
-            special = added.special
-            tokens[i] = added.content if special else added.content.replace("\u2581", " ")
-            types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+            tokens[i] = added.content if added.special else added.content.replace("\u2581", " ")
+            types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
             scores[i] = -1000.0
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -313,15 +316,15 @@ def _verify(path: Path, rounded, tokens: torch.Tensor, expected: torch.Tensor, o
                               f"model's by up to {diff:.3e}")
         return
     stored = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
-    wanted = dict(_to_gguf(rounded))
-    if stored.keys() != wanted.keys():
-        raise ExportError(f"verification failed: the file's tensors differ in {sorted(stored.keys() ^ wanted.keys())}")
-    for name, data in wanted.items():
-        got = gguf.quants.dequantize(stored[name].data, stored[name].tensor_type).reshape(data.shape)
+    for name, data in _to_gguf(rounded):  # one tensor at a time: a float32 copy of 2B weights is 10 GB
+        if (tensor := stored.pop(name, None)) is None:
+            raise ExportError(f"verification failed: the file has no tensor {name}")
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(data.shape)
         if not np.array_equal(got, data):
-            diff = np.abs(got - data).max()
             raise ExportError(f"verification failed: {name} differs from the {outtype}-rounded {model_type} "
-                              f"weight by up to {diff:.3e}")
+                              f"weight by up to {np.abs(got - data).max():.3e}")
+    if stored:
+        raise ExportError(f"verification failed: the file has tensors the model does not: {sorted(stored)}")
 
 
 def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str = "model",
