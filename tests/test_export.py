@@ -206,6 +206,20 @@ def test_gemma_file_holds_the_rounded_model(gemma_dir, tmp_path, outtype):
     assert gguf_tokenizer(SPM_TEXT)["input_ids"] == AutoTokenizer.from_pretrained(gemma_dir)(SPM_TEXT)["input_ids"]
 
 
+def test_gemma_llama_cpp_cannot_run_is_refused(gemma_dir, tmp_path, capsys):
+    """llama.cpp's gemma graph hard-codes tanh-GELU and the tied output; anything else is refused."""
+    from transformers import GemmaForCausalLM
+
+    source = tmp_path / "source"
+    shutil.copytree(gemma_dir, source)
+    model = GemmaForCausalLM.from_pretrained(source)
+    model.config.hidden_act = "relu"
+    model.save_pretrained(source)
+    assert main(["export", str(source), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "Gemma needs hidden_act gelu_pytorch_tanh" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_gemma_file_that_differs_is_refused(gemma_dir, tmp_path, monkeypatch, capsys):
     """Without transformers to read it back, gguf's reader is what catches a wrong Gemma file."""
     from losia_cli import export
