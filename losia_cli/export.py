@@ -68,19 +68,19 @@ def _check_supported(model, tokenizer) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported")
+    # llama.cpp's gemma graph hard-codes these: tanh-GELU, output through token_embd
+    if config.model_type == "gemma" and (config.hidden_act != "gelu_pytorch_tanh" or not config.tie_word_embeddings):
+        raise ExportError(f"GGUF export: Gemma needs hidden_act gelu_pytorch_tanh and tied embeddings; this "
+                          f"one has {config.hidden_act!r}, tie_word_embeddings={config.tie_word_embeddings}")
+    if _spm(tokenizer):
+        return
     if config.model_type == "gemma":
-        # llama.cpp's gemma graph hard-codes these: tanh-GELU, output through token_embd
-        if config.hidden_act != "gelu_pytorch_tanh" or not config.tie_word_embeddings:
-            raise ExportError(f"GGUF export: Gemma needs hidden_act gelu_pytorch_tanh and tied embeddings; this "
-                              f"one has {config.hidden_act!r}, tie_word_embeddings={config.tie_word_embeddings}")
-        if not _spm(tokenizer):
-            raise ExportError("GGUF export: Gemma needs its sentencepiece (byte-fallback BPE) tokenizer")
-    if not _spm(tokenizer):
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
-        if spec["model"]["type"] != "BPE":
-            raise ExportError(f"GGUF export: tokenizer model {spec['model']['type']} is not supported "
-                              "(byte-level or sentencepiece BPE is)")
-        _pre_tokenizer(spec.get("pre_tokenizer"))
+        raise ExportError("GGUF export: Gemma needs its sentencepiece (byte-fallback BPE) tokenizer")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ExportError(f"GGUF export: tokenizer model {spec['model']['type']} is not supported "
+                          "(byte-level or sentencepiece BPE is)")
+    _pre_tokenizer(spec.get("pre_tokenizer"))
 
 
 def _to_gguf(model):
@@ -152,14 +152,19 @@ def _add_bpe_vocab(writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_space_prefix(False)
 
 
-def _sentencepiece_file(tokenizer) -> Path | None:
-    """The tokenizer.model the tokenizer was loaded beside, if any (a run's final/ has none) and the
-    sentencepiece package is there to read it."""
+def _sentencepiece(tokenizer):
+    """The tokenizer's sentencepiece model, or None: no sentencepiece package, no tokenizer.model
+    beside the tokenizer (a run's final/ has none), or one holding another vocabulary (stale)."""
     if importlib.util.find_spec("sentencepiece") is None:
         return None
+    from sentencepiece import SentencePieceProcessor
+
     for candidate in (getattr(tokenizer, "vocab_file", None), Path(tokenizer.name_or_path) / "tokenizer.model"):
         if candidate and Path(candidate).is_file():
-            return Path(candidate)
+            sp = SentencePieceProcessor(model_file=str(candidate))
+            n = min(sp.vocab_size(), len(tokenizer))
+            if tokenizer.convert_ids_to_tokens(list(range(n))) == [sp.IdToPiece(i) for i in range(n)]:
+                return sp
     return None
 
 
@@ -171,15 +176,9 @@ def _spm_base_vocab(tokenizer, tokens: list, scores: list, types: list) -> None:
     import gguf
 
     T = gguf.TokenType
-    if (model_file := _sentencepiece_file(tokenizer)) is not None:
-        from sentencepiece import SentencePieceProcessor
-
-        sp = SentencePieceProcessor(model_file=str(model_file))
-        pieces = [sp.IdToPiece(i) for i in range(min(sp.vocab_size(), len(tokens)))]
-        if tokenizer.convert_ids_to_tokens(list(range(len(pieces)))) != pieces:
-            raise ExportError(f"GGUF export: {model_file} does not hold the tokenizer's vocabulary")
-        for i, piece in enumerate(pieces):
-            tokens[i], scores[i] = piece, sp.GetScore(i)
+    if (sp := _sentencepiece(tokenizer)) is not None:
+        for i in range(min(sp.vocab_size(), len(tokens))):
+            tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
             types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else
                         T.UNUSED if sp.IsUnused(i) else T.BYTE if sp.IsByte(i) else T.NORMAL)
         return
