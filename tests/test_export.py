@@ -146,8 +146,9 @@ def test_sentencepiece_llama_round_trip(spm_llama_dir, tmp_path, vocab_from):
     source = tmp_path / "source"
     shutil.copytree(spm_llama_dir, source)
     model_file = source / "tokenizer.model"
-    if vocab_from == "tokenizer.json":  # kept away from the file's dir, where transformers would find it
-        model_file = shutil.move(model_file, tmp_path.joinpath("kept").mkdir() or tmp_path / "kept")
+    if vocab_from == "tokenizer.json":  # moved away: transformers would find it beside the file too
+        (tmp_path / "kept").mkdir()
+        model_file = shutil.move(model_file, tmp_path / "kept")
     out = tmp_path / "llama2.gguf"
     assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 0
     _check_round_trip(source, out, "f16", SPM_TEXT)
