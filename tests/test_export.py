@@ -1,7 +1,12 @@
-"""`losia export --format gguf`: tensors and tokenizer through the gguf package, read back by transformers."""
+"""`losia export --format gguf`: tensors and tokenizer through the gguf package, read back by transformers
+(Llama) or by gguf's own reader (Gemma, which transformers cannot load from GGUF)."""
 
 from __future__ import annotations
 
+import io
+import shutil
+
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +43,204 @@ def bpe_llama_dir(tmp_path_factory):
     return out
 
 
-def _check_round_trip(source_dir, out, outtype):
+# Trains the tiny sentencepiece vocabularies below; the test text adds bytes none of it has ("日本", "~").
+SPM_LINES = ["Hello world, how are you?", "the quick brown fox jumps over the lazy dog",
+             "<start_of_turn>user\nfine, thanks<end_of_turn>", "numbers 12 and 345 and   three spaces"]
+SPM_TEXT = "Hello  world, how are you? The fox jumps 42 times ~ 日本 <start_of_turn>user\nfine<end_of_turn>"
+
+
+def _train_sentencepiece(path, **options):
+    """A byte-fallback BPE sentencepiece model at `path`/tokenizer.model: 256 byte pieces, the
+    specials, the characters and some 100 merges."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_LINES * 20), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **options)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+
+
+@pytest.fixture(scope="module")
+def spm_llama_dir(tmp_path_factory):
+    """A 2-layer Llama-2-shaped model (untied output) with a sentencepiece tokenizer: tokenizer.model
+    beside the tokenizer.json transformers writes, as in a Llama-2 download."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    out = tmp_path_factory.mktemp("spm-llama")
+    _train_sentencepiece(out, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
+    tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    """A 2-layer Gemma (one KV head, head_dim != hidden/heads) with Gemma's sentencepiece layout and
+    random norm weights (Gemma initialises them to 0, which would hide a missing +1)."""
+    from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizer
+
+    out = tmp_path_factory.mktemp("gemma")
+    _train_sentencepiece(out, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                         bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+                         user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+                         remove_extra_whitespaces=False, normalization_rule_name="identity")
+    tokenizer = GemmaTokenizer.from_pretrained(out, add_bos_token=True)
+    config = GemmaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _field(reader, key):
+    """A GGUF metadata value: a scalar, a string, or a list for arrays."""
+    field = reader.get_field(key)
+    values = [field.parts[i] for i in field.data]
+    if field.types[0] == 9:  # an array
+        return [bytes(v).decode() if field.types[-1] == 8 else v.item() for v in values]
+    return bytes(values[0]).decode() if field.types[0] == 8 else values[0].item()
+
+
+def _check_spm_vocab(reader, model_file, source):
+    """Tokens, scores and types are sentencepiece's own (scores: in the same order when they were
+    rebuilt from tokenizer.json), added tokens are control / user-defined; special ids and flags."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = (_field(reader, f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
+    assert _field(reader, "tokenizer.ggml.model") == "llama" and len(tokens) == sp.vocab_size()
+    T = gguf.TokenType
+    for i in range(sp.vocab_size()):
+        added = source.added_tokens_decoder.get(i)
+        if sp.IsUnknown(i) or sp.IsControl(i) or sp.IsByte(i):
+            expected = T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else T.BYTE
+        else:
+            expected = T.NORMAL if added is None else T.CONTROL if added.special else T.USER_DEFINED
+        assert (tokens[i], types[i]) == (sp.IdToPiece(i), expected), i
+    normal = [i for i in range(sp.vocab_size()) if types[i] == T.NORMAL]  # ranked alike, ties included
+    rank = lambda values: np.unique(values, return_inverse=True)[1].tolist()  # noqa: E731
+    assert rank([scores[i] for i in normal]) == rank([sp.GetScore(i) for i in normal])
+    for key, value in (("bos_token_id", source.bos_token_id), ("eos_token_id", source.eos_token_id),
+                       ("unknown_token_id", source.unk_token_id), ("add_bos_token", True)):
+        assert _field(reader, f"tokenizer.ggml.{key}") == value, key
+    return scores, sp
+
+
+@pytest.mark.parametrize("vocab_from", ["tokenizer.model", "tokenizer.json"])
+def test_sentencepiece_llama_round_trip(spm_llama_dir, tmp_path, vocab_from):
+    """Llama-2's case: the vocabulary from tokenizer.model, or from tokenizer.json alone (a run's final/)."""
+    import gguf
+
+    source = tmp_path / "source"
+    shutil.copytree(spm_llama_dir, source)
+    model_file = source / "tokenizer.model"
+    if vocab_from == "tokenizer.json":  # moved away: transformers would find it beside the file too
+        (tmp_path / "kept").mkdir()
+        model_file = shutil.move(model_file, tmp_path / "kept")
+    out = tmp_path / "llama2.gguf"
+    assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 0
+    _check_round_trip(source, out, "f16", SPM_TEXT)
+    reader = gguf.GGUFReader(out)
+    source_tokenizer = AutoTokenizer.from_pretrained(source)
+    scores, sp = _check_spm_vocab(reader, model_file, source_tokenizer)
+    if vocab_from == "tokenizer.model":  # sentencepiece's own, but -1000 for added tokens as llama.cpp writes
+        added = source_tokenizer.added_tokens_decoder
+        assert scores == [-1000.0 if i in added and not sp.IsUnknown(i) else sp.GetScore(i)
+                          for i in range(sp.vocab_size())]
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    assert "output.weight" in {tensor.name for tensor in reader.tensors}  # untied, as Llama-2
+
+
+def test_stale_tokenizer_model_is_ignored(spm_llama_dir, gemma_dir, tmp_path):
+    """A tokenizer.model holding another vocabulary is passed over for the tokenizer's own (tokenizer.json)."""
+    import gguf
+
+    source = tmp_path / "source"
+    shutil.copytree(spm_llama_dir, source)
+    shutil.copy(gemma_dir / "tokenizer.model", source / "tokenizer.model")
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(spm_llama_dir)
+    tokens = _field(gguf.GGUFReader(out), "tokenizer.ggml.tokens")
+    assert tokens[:260] == tokenizer.convert_ids_to_tokens(list(range(260)))  # specials, added, bytes
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gemma_file_holds_the_rounded_model(gemma_dir, tmp_path, outtype):
+    """Gemma: transformers 5.23 cannot load a `gemma` GGUF, so the file is read with gguf's reader and
+    held to what llama.cpp's converter writes: norms +1 in F32, q/k rows as HF has them (NEOX rope),
+    no output tensor, head width as key/value length; and transformers' GGUF tokenizer reads it back."""
+    import gguf
+    from transformers import GemmaTokenizer
+
+    out = tmp_path / f"gemma-{outtype}.gguf"
+    assert main(["export", str(gemma_dir), "--format", "gguf", "--outtype", outtype, "--out", str(out)]) == 0
+    with pytest.raises(ValueError, match="architecture gemma is not supported"):
+        load_gguf(out)  # when this starts to load, hold Gemma to the logits check instead
+    source = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32)
+    reader = gguf.GGUFReader(out)
+    stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1).squeeze()
+              for t in reader.tensors}
+    assert _field(reader, "general.architecture") == "gemma" and "output.weight" not in stored
+    assert _field(reader, "gemma.attention.key_length") == _field(reader, "gemma.attention.value_length") == 32
+    assert _field(reader, "gemma.attention.head_count_kv") == 1
+    layers = source.model.layers
+    for name, norm in (("output_norm", source.model.norm), ("blk.0.attn_norm", layers[0].input_layernorm),
+                       ("blk.1.ffn_norm", layers[1].post_attention_layernorm)):
+        assert np.array_equal(stored[f"{name}.weight"], (norm.weight.detach() + 1).numpy()), name
+    round_like_gguf_(source, outtype)
+    for name, weight in (("token_embd", source.model.embed_tokens.weight),
+                         ("blk.0.attn_q", layers[0].self_attn.q_proj.weight),
+                         ("blk.1.attn_k", layers[1].self_attn.k_proj.weight)):
+        assert np.array_equal(stored[f"{name}.weight"], weight.detach().numpy()), name
+    _check_spm_vocab(reader, gemma_dir / "tokenizer.model", AutoTokenizer.from_pretrained(gemma_dir))
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is False
+    gguf_tokenizer = GemmaTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    assert gguf_tokenizer(SPM_TEXT)["input_ids"] == AutoTokenizer.from_pretrained(gemma_dir)(SPM_TEXT)["input_ids"]
+
+
+def test_gemma_llama_cpp_cannot_run_is_refused(gemma_dir, tmp_path, capsys):
+    """llama.cpp's gemma graph hard-codes tanh-GELU and the tied output; anything else is refused."""
+    from transformers import GemmaForCausalLM
+
+    source = tmp_path / "source"
+    shutil.copytree(gemma_dir, source)
+    model = GemmaForCausalLM.from_pretrained(source)
+    model.config.hidden_act = "relu"
+    model.save_pretrained(source)
+    assert main(["export", str(source), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "Gemma needs hidden_act gelu_pytorch_tanh" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gemma_file_that_differs_is_refused(gemma_dir, tmp_path, monkeypatch, capsys):
+    """Without transformers to read it back, gguf's reader is what catches a wrong Gemma file."""
+    from losia_cli import export
+
+    def corrupted(model, outtype):
+        for name, data, qtype in real(model, outtype):
+            yield name, data * 2 if name == "blk.1.ffn_norm.weight" else data, qtype
+
+    real = export._gguf_tensors
+    monkeypatch.setattr(export, "_gguf_tensors", corrupted)
+    assert main(["export", str(gemma_dir), "--format", "gguf", "--out", str(tmp_path / "bad.gguf")]) == 2
+    assert "verification failed: blk.1.ffn_norm.weight differs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _check_round_trip(source_dir, out, outtype, text=TEXT):
     """The file's logits equal the source's with the file's rounding applied; its tokenizer is the source's."""
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     tokens = probe_tokens(source)
@@ -47,7 +249,7 @@ def _check_round_trip(source_dir, out, outtype):
         drift = (reloaded - source(tokens).logits).abs().max().item()
         assert torch.equal(reloaded, round_like_gguf_(source, outtype)(tokens).logits)
     gguf_tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
-    assert gguf_tokenizer(TEXT)["input_ids"] == AutoTokenizer.from_pretrained(source_dir)(TEXT)["input_ids"]
+    assert gguf_tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(source_dir)(text)["input_ids"]
     return drift
 
 

@@ -11,7 +11,8 @@ EXAMPLES = """\
 examples:
   losia export runs/demo --format gguf --out demo-f16.gguf
   losia export runs/demo --format gguf --outtype q8_0 --out demo-q8_0.gguf --force
-Llama-family models with a byte-level BPE tokenizer (SmolLM2); writes FILE and STEM.README.md beside it.
+Llama (SmolLM2, Llama-2) and Gemma models with a byte-level BPE or sentencepiece tokenizer;
+writes FILE and STEM.README.md beside it.
 """
 
 
@@ -33,14 +34,16 @@ def run(args) -> int:
     model, tokenizer, identity, _ = load_target(str(args.target))
     result = export_gguf(model, tokenizer, args.out, outtype=args.outtype, name=Path(args.target).name,
                          force=args.force)
+    verified = {"logits": "logits verified through transformers' GGUF loader",
+                "tensors": "every tensor verified with gguf's reader (transformers cannot load this architecture)"}
     card = write_model_card(
         args.out.with_name(f"{args.out.stem}.README.md"), identity.get("run_dir"),
         base_model=identity.get("name_or_path"), library="gguf",
-        notes=[f"**format**: GGUF {args.outtype} ({args.out.name}), logits verified through transformers' "
-               f"GGUF loader (max drift vs the unrounded model {result['max_abs_logit_drift']:.2e})"],
+        notes=[f"**format**: GGUF {args.outtype} ({args.out.name}), {verified[result['verified_by']]} "
+               f"(max logit drift vs the unrounded model {result['max_abs_logit_drift']:.2e})"],
     )
-    console.print(f"[green]exported[/] {args.out} ({args.outtype}, {result['bytes'] / 2**20:.1f} MiB; reloaded "
-                  f"logits equal the {args.outtype}-rounded model's; drift vs unrounded "
+    console.print(f"[green]exported[/] {args.out} ({args.outtype}, {result['bytes'] / 2**20:.1f} MiB; the file holds "
+                  f"the {args.outtype}-rounded model ({result['verified_by']} compared); drift vs unrounded "
                   f"{result['max_abs_logit_drift']:.2e}, {result['relative_logit_drift']:.1%} of the logit range); "
                   f"card -> {card}")
     return 0
