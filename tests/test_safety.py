@@ -114,6 +114,27 @@ def test_a_second_writer_is_refused_naming_the_holder(finished, tiny_config, tin
     train(tiny_config("done", "method=full", "train.max_steps=2", "run.resume=auto"))
 
 
+def test_a_second_continual_run_is_refused_naming_the_holder(tiny_llama_dir, tmp_path, capsys):
+    parent = tmp_path / "cont"
+    parent.mkdir()
+    (parent / "continual.json").write_text('{"stages": "the first run"}')
+    lock = rundir.RunLock(parent)  # the first `losia train` of the recipe, still running
+    try:
+        code = cli_train(tiny_llama_dir, tmp_path, "recipe=smollm2_135m_continual", "run.name=cont",
+                         "run.overwrite=true", "eval.limit=1")
+        assert code == 2
+        one_line_error(capsys, f"run dir {parent} is in use by pid {os.getpid()} on {socket.gethostname()}")
+        assert (parent / "continual.json").read_text() == '{"stages": "the first run"}'
+    finally:
+        lock.release()
+    # A dir that is no run's is refused before the lock would leave its file there.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("years of work")
+    assert cli_train(tiny_llama_dir, tmp_path, "recipe=smollm2_135m_continual", "run.name=precious") == 2
+    one_line_error(capsys, "already exists")
+    assert [p.name for p in (tmp_path / "precious").iterdir()] == ["thesis.tex"]
+
+
 def test_merge_and_report_refuse_an_out_they_did_not_write(finished, tmp_path, capsys):
     before = run_files(finished)
     assert main(["merge", str(finished), "--out", str(finished), "--force"]) == 2
