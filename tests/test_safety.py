@@ -135,6 +135,18 @@ def test_a_second_continual_run_is_refused_naming_the_holder(tiny_llama_dir, tmp
     assert [p.name for p in (tmp_path / "precious").iterdir()] == ["thesis.tex"]
 
 
+def test_a_sweep_job_mistake_is_one_line_and_a_traceback_only_with_debug(tiny_llama_dir, tmp_path, capsys):
+    sweep = ["train", "-m", "method=full,lora", f"model.name_or_path={tiny_llama_dir}", "data.source=nope.jsonl",
+             f"run.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as stop:  # the job's exit ends the sweep
+        main(sweep)
+    assert stop.value.code == 2
+    one_line_error(capsys, "nope.jsonl: no such file or directory (data.source)")
+    with pytest.raises(SystemExit):  # Hydra prints the job's traceback and exits
+        main(["--debug", *sweep])
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_merge_and_report_refuse_an_out_they_did_not_write(finished, tmp_path, capsys):
     before = run_files(finished)
     assert main(["merge", str(finished), "--out", str(finished), "--force"]) == 2
