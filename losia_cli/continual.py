@@ -30,7 +30,7 @@ from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig, StageConfig, format_validation_error
 from losia_cli.engine import checkpoint
 from losia_cli.engine.loop import train
-from losia_cli.engine.rundir import continual_start, name_run
+from losia_cli.engine.rundir import RunLock, check_fresh, continual_start, name_run
 from losia_cli.engine.validation import mean_target_loss
 from losia_cli.merge import merge
 from losia_cli.methods import exports_adapter
@@ -169,6 +169,20 @@ def run_continual(cfg: RunConfig, console: Console | None = None) -> Path:
     cfg = name_run(cfg)
     stage_cfgs = [stage_config(cfg, i, cfg.model.name_or_path) for i in range(len(cfg.stages))]
     specs, learned = task_specs(cfg.stages)
+    if cfg.run.resume != "auto":  # the refusals before the lock creates anything (continual_start checks again)
+        check_fresh(cfg.run_dir(), cfg.run.overwrite)
+    # The parent dir, for the whole run (each stage's train() locks its own dir besides): a second
+    # writer of the same run name is refused before it clears or rewrites anything here.
+    lock = RunLock(cfg.run_dir())
+    try:
+        return _run_stages(cfg, stage_cfgs, specs, learned, console)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg: RunConfig, stage_cfgs: list[RunConfig], specs: dict[str, str], learned: list[int],
+                console: Console) -> Path:
+    """The initial evaluation, then each stage's training and evaluation, under the parent's lock."""
     root = cfg.run_dir()
     doc = continual_start(cfg, {
         "method": cfg.method.name,
@@ -190,7 +204,6 @@ def run_continual(cfg: RunConfig, console: Console | None = None) -> Path:
         "eval": cfg.eval.model_dump(include={"limit", "batch_size", "max_new_tokens", "num_samples", "chat"}),
         "complete": False,
     })
-    root.mkdir(parents=True, exist_ok=True)
     path = root / "continual.json"
 
     def record(row: dict, initial: bool) -> None:

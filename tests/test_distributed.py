@@ -222,3 +222,17 @@ def test_one_machine_launch_takes_a_free_port_unless_one_is_set():
             pass  # someone else holds it: just as good
         assert port() != 29500
     assert port("dist.main_process_port=23456") == 23456
+
+
+def test_val_loss_is_shared_out_and_matches_one_process(tiny_llama_dir, tmp_path):
+    """Each rank takes its share of the val set (an odd number of batches here) and the all-reduced
+    loss is one process's. The one update has LR 0 (warmup), so all three validate the same weights."""
+    base = [f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "data.val_split=0.2", "method=full",
+            "train.max_steps=1", "train.warmup_ratio=1", "train.micro_batch_size=2", f"run.output_dir={tmp_path}"]
+    two = ["dist.num_processes=2"]
+    losses = {name: [r["val_loss"] for r in jsonl(run(tmp_path, name, *base, *extra) / "metrics.jsonl")
+                     if "val_loss" in r]
+              for name, extra in (("single", []), ("ddp", ["dist=ddp", *two]), ("fsdp", ["dist=fsdp", *two]))}
+    assert len(losses["single"]) == 1
+    for name in ("ddp", "fsdp"):
+        assert abs(losses[name][0] - losses["single"][0]) < 1e-6, losses

@@ -16,7 +16,7 @@ import yaml
 from losia_cli import atomic
 from losia_cli.cli import main
 from losia_cli.config import ConfigError
-from losia_cli.engine import rundir
+from losia_cli.engine import checkpoint, rundir
 from losia_cli.engine import step as step_driver
 from losia_cli.engine.loop import train
 from losia_cli.merge import MergeError, merge
@@ -112,6 +112,39 @@ def test_a_second_writer_is_refused_naming_the_holder(finished, tiny_config, tin
         lock.release()
     # Released when the run ends, or fails: the next writer gets in.
     train(tiny_config("done", "method=full", "train.max_steps=2", "run.resume=auto"))
+
+
+def test_a_second_continual_run_is_refused_naming_the_holder(tiny_llama_dir, tmp_path, capsys):
+    parent = tmp_path / "cont"
+    parent.mkdir()
+    (parent / "continual.json").write_text('{"stages": "the first run"}')
+    lock = rundir.RunLock(parent)  # the first `losia train` of the recipe, still running
+    try:
+        code = cli_train(tiny_llama_dir, tmp_path, "recipe=smollm2_135m_continual", "run.name=cont",
+                         "run.overwrite=true", "eval.limit=1")
+        assert code == 2
+        one_line_error(capsys, f"run dir {parent} is in use by pid {os.getpid()} on {socket.gethostname()}")
+        assert (parent / "continual.json").read_text() == '{"stages": "the first run"}'
+    finally:
+        lock.release()
+    # A dir that is no run's is refused before the lock would leave its file there.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("years of work")
+    assert cli_train(tiny_llama_dir, tmp_path, "recipe=smollm2_135m_continual", "run.name=precious") == 2
+    one_line_error(capsys, "already exists")
+    assert [p.name for p in (tmp_path / "precious").iterdir()] == ["thesis.tex"]
+
+
+def test_a_sweep_job_mistake_is_one_line_and_a_traceback_only_with_debug(tiny_llama_dir, tmp_path, capsys):
+    sweep = ["train", "-m", "method=full,lora", f"model.name_or_path={tiny_llama_dir}", "data.source=nope.jsonl",
+             f"run.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as stop:  # the job's exit ends the sweep
+        main(sweep)
+    assert stop.value.code == 2
+    one_line_error(capsys, "nope.jsonl: no such file or directory (data.source)")
+    with pytest.raises(SystemExit):  # Hydra prints the job's traceback and exits
+        main(["--debug", *sweep])
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_merge_and_report_refuse_an_out_they_did_not_write(finished, tmp_path, capsys):
@@ -236,26 +269,61 @@ def test_a_read_only_run_dir_is_one_line(tiny_llama_dir, tmp_path, capsys, monke
     one_line_error(capsys, f"run dir {tmp_path / 'ro'}: cannot write there (Permission denied)")
 
 
-TMPFS = """
+def on_a_tiny_disk(tmp_path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """bash `script` in a private user+mount namespace (so root and non-root alike), where it may mount a
+    tmpfs on $1 (an empty dir); $2 is this Python, $3... are `args`. Skips where there are no user namespaces."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
+        pytest.skip("no user namespaces here to mount a tiny tmpfs in")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(["unshare", "-rm", "bash", "-c", script, "sh", str(disk), sys.executable, *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+FULL_AND_READ_ONLY = """
 set -e
 mount -t tmpfs -o size=300k tmpfs "$1"
 "$2" -m losia_cli.cli train "${@:3}" run.output_dir="$1" run.name=full || echo "exit=$?"
+"$2" -m losia_cli.cli train -m method=full,lora "${@:3}" run.output_dir="$1/sweep" || echo "exit=$?"
 mount -o remount,ro "$1"
 "$2" -m losia_cli.cli train "${@:3}" run.output_dir="$1" run.name=full run.resume=auto || echo "exit=$?"
 """
 
 
 def test_a_full_disk_and_a_read_only_disk_are_one_line(tiny_llama_dir, tmp_path):
-    """A real 300 KiB tmpfs, mounted in a private user+mount namespace (so root and non-root alike)."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
-        pytest.skip("no user namespaces here to mount a tiny tmpfs in")
-    disk = tmp_path / "disk"
-    disk.mkdir()
+    """A real 300 KiB tmpfs: a run, then a sweep's first job (a sweep stops at a failed job) fill it."""
     args = [f"model.name_or_path={tiny_llama_dir}", *TINY, "train.max_steps=2", "method=full"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-rm", "bash", "-c", TMPFS, "sh", str(disk), sys.executable, *args],
-                          capture_output=True, text=True, env=env, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: cannot write: No space left on device",
-                      f"error: run dir {disk}/full: cannot write there (Read-only file system)"], proc.stderr[-3000:]
-    assert proc.stdout.count("exit=2") == 2 and "Traceback" not in proc.stderr
+    proc = on_a_tiny_disk(tmp_path, FULL_AND_READ_ONLY, *args)
+    disk = tmp_path / "disk"
+    assert error_lines(proc) == ["error: cannot write: No space left on device"] * 2 + [
+        f"error: run dir {disk}/full: cannot write there (Read-only file system)"], proc.stderr[-3000:]
+    assert proc.stdout.count("exit=2") == 3
+
+
+# The tiny Llama's checkpoint (full fine-tuning) takes 38.7 MB: 12.9 MB of weights, 25.8 MB of AdamW
+# state. 64 MiB (67.1 MB) holds step-1's and step-2's weights, and fills inside step-2's optimizer.pt.
+FULL_INSIDE_TORCH_SAVE = """
+set -e
+mount -t tmpfs -o size=64m tmpfs "$1"
+"$2" -m losia_cli.cli train "${@:4}" run.output_dir="$1" run.name=full || echo "exit=$?"
+ls -A "$1/full/checkpoints"
+cp -r "$1/full/checkpoints/step-1" "$3"
+"""
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path):
+    args = [f"model.name_or_path={tiny_llama_dir}", *TINY, "train.max_steps=3", "train.save_every=1", "method=full"]
+    proc = on_a_tiny_disk(tmp_path, FULL_INSIDE_TORCH_SAVE, str(tmp_path / "step-1"), *args)
+    assert error_lines(proc) == ["error: cannot write: No space left on device"], proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["exit=2", "step-1"]  # step-2's temp dir is gone
+    step1 = tmp_path / "step-1"
+    assert checkpoint.damage(step1) is None
+    sizes = {p.name: p.stat().st_size for p in step1.iterdir()}
+    # Where the disk filled: step-2's weights fit beside step-1, its optimizer state does not.
+    assert sum(sizes.values()) + sizes["model.safetensors"] < 64 * 2**20 < 2 * sum(sizes.values())

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_engine import crash_then_resume, final_weights
+from test_losia_support import VOCAB, tiny_llama
 
 from losia_cli.engine.loop import train
-from losia_cli.engine.validation import save_interval, validations_since_best
-from test_engine import crash_then_resume, final_weights
+from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
 
 
 def _rows(run_dir, key):
@@ -73,3 +77,54 @@ def test_mixture_run_resumed_mid_run_is_bit_exact(tiny_config, tmp_path, monkeyp
     assert curves[0] == curves[1] and any(v is not None for _, _, v in curves[0])
     report = json.loads((straight / "report.json").read_text())
     assert [share for _, share in report["data"]["mixture"]] == [50, 17]  # 3:1 of the 67 samples that fit 64 tokens
+
+
+def _sample(i: int) -> dict:
+    ids = [(7 * i + j) % VOCAB for j in range(4 + i)]
+    return {"id": i, "input_ids": ids, "labels": [-100, -100, *ids[2:]]}  # the prompt masked
+
+
+# 9 samples of uneven length: 5 batches of 2 over 2 ranks, the last one short.
+VAL = [_sample(i) for i in range(9)]
+
+
+def _collate(rows: list[dict]) -> dict:
+    """Right-padded batch; `seen` records the samples each process collated."""
+    _collate.seen += [row["id"] for row in rows]
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (width - len(values))
+
+    return {"input_ids": torch.tensor([padded(row["input_ids"], 0) for row in rows]),
+            "attention_mask": torch.tensor([padded([1] * len(row["input_ids"]), 0) for row in rows]),
+            "labels": torch.tensor([padded(row["labels"], -100) for row in rows])}
+
+
+_collate.seen = []
+
+
+def _val_loss_on_rank(rank: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    _collate.seen = []  # forked: not the parent's
+    try:
+        model, forwards = tiny_llama(), []
+        model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        loss = mean_target_loss(model, VAL, _collate, 2, rank=rank, world=2)
+        with open(f"{out}-{rank}.json", "w") as f:
+            json.dump({"loss": loss, "seen": _collate.seen, "forwards": len(forwards)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_val_loss_is_sharded_over_ranks_and_matches_one_process(tmp_path):
+    """Each of 2 gloo processes runs 3 of the 5 batches (the short rank one more, dropped: under FSDP a
+    forward is collective), and the all-reduced token-weighted mean is one process's value."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one = mean_target_loss(tiny_llama(), VAL, _collate, 2)
+    mp.start_processes(_val_loss_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(abs(r["loss"] - one) < 1e-6 for r in ranks), (one, ranks)
+    assert [r["forwards"] for r in ranks] == [3, 3]
+    assert ranks[0]["seen"] == [0, 1, 4, 5, 8] and ranks[1]["seen"] == [2, 3, 6, 7, 0, 1]

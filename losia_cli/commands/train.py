@@ -65,7 +65,7 @@ def _multirun(args) -> int:
     sys.argv = ["losia", "-m", *sweep_words(args.overrides, args.recipes)]
     # The stamp is taken once, here: a sweep job that submitit requeues (it pickles the task) gets
     # the same run name again and, with run.resume=auto, continues its own run dir.
-    task = SweepJob(timestamp(), args.recipes)
+    task = SweepJob(timestamp(), args.recipes, args.debug)
     hydra.main(config_path=str(root), config_name="config", version_base=None)(task)()
     return 0
 
@@ -74,14 +74,19 @@ class SweepJob:
     """One job of a sweep. A module-level class, not a closure: submitit pickles it for each job,
     and a closure would drag this module's consoles (locks) along."""
 
-    def __init__(self, stamp: str, recipes: Path | None):
-        self.stamp, self.recipes = stamp, recipes
+    def __init__(self, stamp: str, recipes: Path | None, debug: bool):
+        self.stamp, self.recipes, self.debug = stamp, recipes, debug
 
     def __call__(self, cfg) -> None:
+        from losia_cli.cli import _cannot_write
+
         try:
             self.run(cfg)
-        except LosiaError as e:  # one line, as outside sweeps; Hydra would print a traceback
-            print_error(str(e))
+        except Exception as e:  # one line, as outside sweeps (cli.main); Hydra would print a traceback
+            line = str(e) if isinstance(e, LosiaError) else _cannot_write(e)
+            if self.debug or not line:
+                raise
+            print_error(line)
             raise SystemExit(2) from None
 
     def run(self, cfg) -> None:

@@ -55,6 +55,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a file we open. Given a path, PyTorch's C++ writer loses the OS's error (a full
+    disk reads "PytorchStreamWriter failed writing file"); given a file, our write raises the OSError
+    and torch's closing of the archive then fails on top of it: the OSError is what is re-raised."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def _unique_tensors(model) -> dict[str, torch.Tensor]:
     """The state dict with tied weights (same tensor) listed once, under their first name."""
     unique, seen = {}, set()
@@ -172,17 +185,17 @@ def save(run_dir: Path, step: int, accelerator, model, optimizer, method, traine
         whole_optimizer = get_optimizer_state_dict(model, optimizer, options=_WHOLE)
     with atomic.directory(final, overwrite=True) if main else nullcontext(atomic.temp_path_for(final)) as tmp:
         accelerator.wait_for_everyone()  # rank 0 has made the temp dir
-        torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+        _torch_save(_rng_state(), tmp / f"rng-rank{rank}.pt")
         if zero is not None:
-            torch.save(zero.state_dict(), tmp / f"optimizer-rank{rank}.pt")
+            _torch_save(zero.state_dict(), tmp / f"optimizer-rank{rank}.pt")
         accelerator.wait_for_everyone()
         if main:
             save_weights(model, tmp / "model.safetensors", whole_model)
             if whole_optimizer is not None:
-                torch.save(whole_optimizer, tmp / "optimizer.pt")
+                _torch_save(whole_optimizer, tmp / "optimizer.pt")
             elif zero is None:  # DDP / single: the optimizer state is the same on every rank
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(method.state_dict(), tmp / "method.pt")
+                _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(method.state_dict(), tmp / "method.pt")
             state = {**trainer_state, "step": step, "world_size": accelerator.num_processes,
                      "sharded": whole_model is not None}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

@@ -335,7 +335,8 @@ def _validate(run: Run, done: int) -> bool:
     """The validation loss (when _validation_due) -> metrics.jsonl; a new best is kept in
     checkpoints/best. Returns whether to stop early."""
     tc = run.cfg.train
-    loss = mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size)  # every rank, in step
+    loss = mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size,  # every rank, its share
+                            rank=run.accelerator.process_index, world=run.accelerator.num_processes)
     run.history["val_loss"].append([done, loss])
     if run.main:
         run.records.metric({"step": done, "val_loss": loss})
