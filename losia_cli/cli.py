@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
 import warnings
 
 from losia_cli.commands.common import print_error
-from losia_cli.errors import LosiaError
+from losia_cli.errors import LosiaError, cannot_write
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # One module per command (losia_cli/commands/), imported only when needed: `losia bench` on a bare
 # GPU image must not pull in the training stack (datasets, accelerate's launcher, ...).
 COMMANDS = ("train", "recipes", "merge", "eval", "chat", "export", "compare", "bench", "report", "slurm")
@@ -59,15 +57,6 @@ def _quiet_libraries(debug: bool, command: str) -> None:
     hf_logging.disable_progress_bar()
 
 
-def _cannot_write(e: Exception) -> str | None:
-    """One line for a full disk or an unwritable dir (the user's to fix, not a bug in losia), else None.
-    safetensors reports these as its own error type, with the OS's message inside."""
-    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-        return f"{e.filename}: {e.strerror}" if e.filename else f"cannot write: {e.strerror}"
-    reason = next((os.strerror(code) for code in _WRITE_ERRNOS if os.strerror(code) in str(e)), None)
-    return reason and f"cannot write: {reason}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     except Exception as e:
-        if debug or not (line := _cannot_write(e)):
+        if debug or not (line := cannot_write(e)):
             raise
         print_error(line)
         return 2

@@ -2,6 +2,20 @@
 (a traceback only with --debug). The subclasses say where it came from; most are also `ValueError`s,
 as they were before, so callers that catch those keep working."""
 
+import errno
+import os
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def cannot_write(e: Exception) -> str | None:
+    """One line for a full disk or an unwritable dir (the user's to fix, not a bug in losia), else None.
+    safetensors reports these as its own error type, with the OS's message inside."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return f"{e.filename}: {e.strerror}" if e.filename else f"cannot write: {e.strerror}"
+    reason = next((os.strerror(code) for code in _WRITE_ERRNOS if os.strerror(code) in str(e)), None)
+    return reason and f"cannot write: {reason}"
+
 
 class LosiaError(Exception):
     """A user-facing error; the message is one line naming the key, file or option at fault."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from losia_cli.commands.common import add_recipes_option, command_parser, print_error
 from losia_cli.commands.console import console
 from losia_cli.compose import is_config_file, load_config, sweep_words
-from losia_cli.errors import LosiaError, UsageError
+from losia_cli.errors import LosiaError, UsageError, cannot_write
 from losia_cli.resources import recipes_dir
 
 EXAMPLES = """\
@@ -78,12 +78,10 @@ class SweepJob:
         self.stamp, self.recipes, self.debug = stamp, recipes, debug
 
     def __call__(self, cfg) -> None:
-        from losia_cli.cli import _cannot_write
-
         try:
             self.run(cfg)
         except Exception as e:  # one line, as outside sweeps (cli.main); Hydra would print a traceback
-            line = str(e) if isinstance(e, LosiaError) else _cannot_write(e)
+            line = str(e) if isinstance(e, LosiaError) else cannot_write(e)
             if self.debug or not line:
                 raise
             print_error(line)
