@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -105,8 +104,9 @@ _collate.seen = []
 
 
 def _val_loss_on_rank(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    _collate.seen = []  # forked: not the parent's
+    _collate.seen = []
     try:
         model, forwards = tiny_llama(), []
         model.register_forward_pre_hook(lambda module, args: forwards.append(1))
@@ -120,10 +120,10 @@ def _val_loss_on_rank(rank: int, init_file: str, out: str) -> None:
 def test_val_loss_is_sharded_over_ranks_and_matches_one_process(tmp_path):
     """Each of 2 gloo processes runs 3 of the 5 batches (the short rank one more, dropped: under FSDP a
     forward is collective), and the all-reduced token-weighted mean is one process's value."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     one = mean_target_loss(tiny_llama(), VAL, _collate, 2)
+    # spawn, not fork: a fork of this multi-threaded process (torch's OpenMP pool in use) can hang in the child.
     mp.start_processes(_val_loss_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "rank")), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(abs(r["loss"] - one) < 1e-6 for r in ranks), (one, ranks)
     assert [r["forwards"] for r in ranks] == [3, 3]
