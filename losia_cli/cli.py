@@ -90,14 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # A worker must close its process group while the interpreter is alive: one that exits
         # with gloo's threads still holding work can die in SIGABRT ("terminate called without an
-        # active exception") after the run itself succeeded. The DDP reducer and the accelerator
-        # sit in reference cycles and hold the group and its pending work: collect them first, or
-        # they are freed during interpreter shutdown (a rare abort of a finished DDP rank, seen in tests).
+        # active exception") after the run itself succeeded (see also the worker exit below).
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
-            import gc
-
-            gc.collect()
             dist.destroy_process_group()
 
 
@@ -105,4 +100,13 @@ if __name__ == "__main__":
     # Through the importable module, not __main__: submitit pickles sweep jobs (commands.train.SweepJob) by name.
     from losia_cli.cli import main as cli_main
 
-    sys.exit(cli_main())
+    code = cli_main()
+    if "LOCAL_RANK" in os.environ:
+        # A worker of `accelerate launch` (losia_cli/launch.py): its run is over, its files synced and
+        # its loggers closed. It leaves without the interpreter's teardown, where gloo's threads still
+        # holding work can abort a finished rank (SIGABRT, "terminate called without an active
+        # exception"; pytorch/pytorch#179291), failing the launch after a good run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
