@@ -14,10 +14,11 @@ model costs seconds. Per method:
   optimizer state, saved activations and LoSiA's scorer buffers; `accounted_bytes` is their sum.
 - `ops` and `traffic_bytes` (`OpCounter`): the aten ops of the step that do work (an eager GPU step
   launches about one kernel each; views and allocations excluded) and the bytes they read and write,
-  each op's distinct tensor inputs read once and its outputs written once (an in-place op's target both;
-  an indexed write, only the part it writes): memory traffic without any cache reuse or fusion. Where arithmetic is
-  about even (Pro/floor FLOPs ~1.01), this is what a GPU step's time differs by. LoSiA's scorer update
-  counts here as its 8 eager ops; on CUDA it is one compiled kernel (methods/losia/importance.py).
+  each op's distinct tensor inputs read once and its outputs written once (an in-place op's target
+  both; an indexed write, only the part it writes): memory traffic without any cache reuse or fusion.
+  Where arithmetic is about even (Pro/floor FLOPs ~1.01), this is what a GPU step's time differs by.
+  LoSiA's scorer update counts here as its 8 eager ops; on CUDA it is one compiled kernel
+  (methods/losia/importance.py).
 
 Attention is counted as the fused kernel a GPU runs (see `_fused_attention`). PiSSA is measured as
 LoRA: its SVD initialisation needs values, and it changes only initial values, never a shape.
@@ -31,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from losia_cli.bench.plot import markdown
 from losia_cli.bench.runner import Runner
 from losia_cli.bench.shapes import Batch
 
@@ -186,14 +188,14 @@ def markdown_table(rows: list[dict]) -> str:
     """The rows as a Markdown table (printed by the CLI, committed next to the JSON)."""
     head = ["method", "trainable", "TFLOP/step", "vs floor", "analytic", "ops", "traffic", "vs floor", "vs lora",
             "params", "grads", "opt state", "activations", "scorer", "accounted", "vs lora"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         analytic = "-" if r["flops_analytic"] is None else f"{r['flops_analytic'] / 1e12:.3f}"
-        cells = [r["method"], f"{r['trainable_params']:,}", f"{r['flops'] / 1e12:.3f}",
-                 f"{r.get('flops_vs_floor', float('nan')):.4f}x", analytic, f"{r['ops']:,}", _size(r["traffic_bytes"]),
-                 f"{r.get('traffic_vs_floor', float('nan')):.2f}x", f"{r.get('traffic_vs_lora', float('nan')):.2f}x"]
-        cells += [_size(r[k]) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes",
-                                        "scorer_bytes", "accounted_bytes")]
-        cells.append(f"{r.get('accounted_vs_lora', float('nan')):.2f}x")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([r["method"], f"{r['trainable_params']:,}", f"{r['flops'] / 1e12:.3f}",
+                      f"{r.get('flops_vs_floor', float('nan')):.4f}x", analytic, f"{r['ops']:,}",
+                      _size(r["traffic_bytes"]), f"{r.get('traffic_vs_floor', float('nan')):.2f}x",
+                      f"{r.get('traffic_vs_lora', float('nan')):.2f}x",
+                      *(_size(r[k]) for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes",
+                                              "scorer_bytes", "accounted_bytes")),
+                      f"{r.get('accounted_vs_lora', float('nan')):.2f}x"])
+    return "\n".join(markdown(head, cells))

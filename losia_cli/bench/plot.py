@@ -13,6 +13,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}G" if n >= 2**30 else f"{n / 2**20:.1f}M"
 
 
+def markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def timing_table(report: dict) -> str:
     """The measured report as a Markdown table under a title line (plain text: readable in a job log)."""
     meta, results = report["meta"], report["results"]
@@ -20,19 +25,18 @@ def timing_table(report: dict) -> str:
     model = cfg["model"] if isinstance(cfg["model"], str) else "custom"
     head = ["method", "trainable", "median s", "p95 s", "tok/s", "MFU", "vs floor", "vs lora", "peak", "accounted",
             "opt state", "mem vs lora"]
-    lines = [f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
-             f"(peak = {meta['peak_memory_metric']})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results.items():
-        cells = [
-            name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.4f}", f"{r['p95_step_s']:.4f}",
-            f"{r['tokens_per_s']:.0f}", "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
-            f"{r.get('step_time_vs_floor', float('nan')):.2f}x",
-            f"{r.get('step_time_vs_lora', float('nan')):.2f}x", _gib(r["peak_memory_bytes"]),
-            _gib(r["accounted_bytes"]), _gib(r["optimizer_state_bytes"]),
-            f"{r.get('memory_vs_lora', float('nan')):.2f}x",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.4f}", f"{r['p95_step_s']:.4f}",
+         f"{r['tokens_per_s']:.0f}", "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
+         f"{r.get('step_time_vs_floor', float('nan')):.2f}x",
+         f"{r.get('step_time_vs_lora', float('nan')):.2f}x", _gib(r["peak_memory_bytes"]),
+         _gib(r["accounted_bytes"]), _gib(r["optimizer_state_bytes"]),
+         f"{r.get('memory_vs_lora', float('nan')):.2f}x"]
+        for name, r in results.items()
+    ]
+    title = (f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
+             f"(peak = {meta['peak_memory_metric']})")
+    return "\n".join([title, "", *markdown(head, rows)])
 
 
 _MEMORY_LABELS = {
