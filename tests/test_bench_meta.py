@@ -73,7 +73,8 @@ def test_op_counter_counts_work_and_its_bytes():
         torch.mm(a, b)  # (200 + 600) * 2 read, 300 * 2 written
         torch.empty_like(y)
         y.index_copy_(0, index, x[:10])  # the index (80) and the source (40) read, 40 written
-    assert (count.ops, count.traffic_bytes) == (4, 8000 + 12000 + 1600 + 600 + 80 + 80)
+        y.index_put_((index,), x[:10], True)  # the same, `accumulate` given as the last argument
+    assert (count.ops, count.traffic_bytes) == (5, 8000 + 12000 + 1600 + 600 + 160 + 160)
 
 
 def test_traffic_and_ops_per_method(rows):

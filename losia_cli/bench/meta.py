@@ -54,8 +54,8 @@ _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_st
               "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type"}
 
 
-# In-place ops that write only the indexed part of their target (`self, ..., source` as the last argument):
-# LoSiA's write-through of the block into W, for one.
+# In-place ops that write only the indexed part of their target, as much as their source (the last tensor
+# argument; index_put_ may end with its `accumulate` flag): LoSiA's write-through of the block into W, for one.
 _INDEXED_WRITES = {"index_copy_", "index_put_", "index_add_", "scatter_", "scatter_add_"}
 
 
@@ -72,7 +72,8 @@ class OpCounter(TorchDispatchMode):
         if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
             self.ops += 1
             if func.overloadpacket.__name__ in _INDEXED_WRITES:  # only the indexed part of the target moves
-                self.traffic_bytes += _bytes_of((args[1:], kwargs)) + _bytes_of(args[-1])
+                source = [a for a in args if isinstance(a, torch.Tensor)][-1]
+                self.traffic_bytes += _bytes_of((args[1:], kwargs)) + _bytes_of(source)
             else:
                 self.traffic_bytes += _bytes_of((args, kwargs)) + _bytes_of(out)  # read, then written (in place too)
         return out
