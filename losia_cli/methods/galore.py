@@ -11,9 +11,8 @@ fine-tuning, hence the override.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from dataclasses import field
+from typing import Literal
 
 import torch
 from torch import nn
