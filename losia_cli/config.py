@@ -36,8 +36,8 @@ class ModelConfig(_Strict):
     """package:smollm2-135m | package:gemma3-270m | a local HF dir | a local .gguf | a hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Dtype the weights are held in."""
+    dtype: Literal["fp32", "bf16", "fp16", "fp64"] = "fp32"
+    """Dtype the weights are held in (fp64: for exact comparisons of runs, as the tests make; slow)."""
     attn_implementation: str | None = "sdpa"
     """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
     trust_remote_code: bool = False

@@ -26,7 +26,7 @@ from losia_cli.resources import cache_dir
 if TYPE_CHECKING:
     from losia_cli.config import ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ class LosiaConfig:
     (torch) rather than after (reference); the reference scripts use none."""
 
     fp32_sub: bool = True
-    """Keep the trainable block `sub` in fp32 (a master copy) even when the model weights are bf16."""
+    """Keep the trainable block `sub` in fp32 (a master copy) even when the model weights are bf16 (fp64
+    weights keep an fp64 block)."""
 
     def __post_init__(self):
         check(0.0 < self.rank_factor <= 1.0, "rank_factor", "must be in (0, 1]", self.rank_factor)

@@ -2,7 +2,8 @@
 
 Per matrix and per optimizer step of its scoring slot: I_t from the step's full weight gradient and the
 weight the step's forward used; AdaLoRA-style EMAs starting at zero, no bias correction; at the end of
-the slot S = I-bar * U-bar. Only the scoring layer holds these (m x n, fp32) buffers.
+the slot S = I-bar * U-bar. Only the scoring layer holds these m x n buffers (fp32; fp64 for fp64
+weights).
 
 The update is elementwise, so memory traffic is its cost. Eager it runs 8 kernels (6 for param_first
 and param_second) that together move 19 (17) m x n fp32 tensors' worth of bytes. On CUDA it runs as one
@@ -23,6 +24,12 @@ from typing import Callable
 import torch
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores, score sums and the trained block keep: fp32 for bf16/fp16/fp32 weights (low
+    precision would round small importances away), the weight's own for fp64 (no silent downcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sensitivity_(wg: torch.Tensor, kind: str = "param_mix") -> torch.Tensor:
     """I_t from W*G, computed in place in `wg`: param_mix |WG - (WG)^2/2|, param_first |WG|,
     param_second (WG)^2."""
@@ -36,8 +43,9 @@ def sensitivity_(wg: torch.Tensor, kind: str = "param_mix") -> torch.Tensor:
 
 
 def sensitivity(weight: torch.Tensor, grad: torch.Tensor, kind: str = "param_mix") -> torch.Tensor:
-    """I_t in fp32 (a new tensor)."""
-    return sensitivity_(weight.float() * grad.float(), kind)
+    """I_t in at least fp32 (a new tensor)."""
+    dtype = at_least_fp32(torch.promote_types(weight.dtype, grad.dtype))
+    return sensitivity_(weight.to(dtype) * grad.to(dtype), kind)
 
 
 def ema_step_(grad_acc: torch.Tensor, weight: torch.Tensor, ibar: torch.Tensor, ubar: torch.Tensor,
@@ -97,11 +105,13 @@ class Scorer:
     folds it into the EMAs once per step and clears it.
     """
 
-    def __init__(self, shape: tuple[int, int], device: torch.device, kind: str, beta1: float, beta2: float):
+    def __init__(self, shape: tuple[int, int], device: torch.device, kind: str, beta1: float, beta2: float,
+                 dtype: torch.dtype = torch.float32):
         self.kind, self.beta1, self.beta2 = kind, beta1, beta2
-        self.grad_acc = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.ibar = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.ubar = torch.zeros(shape, dtype=torch.float32, device=device)
+        dtype = at_least_fp32(dtype)
+        self.grad_acc = torch.zeros(shape, dtype=dtype, device=device)
+        self.ibar = torch.zeros(shape, dtype=dtype, device=device)
+        self.ubar = torch.zeros(shape, dtype=dtype, device=device)
         self.weight: torch.Tensor | None = None  # the weight the step's forward used (set by the layer)
 
     @torch.no_grad()

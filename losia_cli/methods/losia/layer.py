@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .autograd import block_of, subnet_linear
-from .importance import Scorer
+from .importance import Scorer, at_least_fp32
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -59,7 +59,7 @@ class SubnetLinear(nn.Module):
         self.register_buffer("rows", rows.to(device=device, dtype=torch.int64).clone())
         self.register_buffer("cols", cols.to(device=device, dtype=torch.int64).clone())
         block = block_of(self.weight_oi.detach(), self.rows, self.cols)
-        self.sub = nn.Parameter(block.float() if fp32_sub else block.clone())
+        self.sub = nn.Parameter(block.to(at_least_fp32(block.dtype)) if fp32_sub else block.clone())
         self.pro = pro
         self.delta = delta
         self.scorer: Scorer | None = None
@@ -159,7 +159,7 @@ class SubnetLinear(nn.Module):
             sub.copy_(block_of(weight, rows, cols))
 
     def start_scoring(self, kind: str, beta1: float, beta2: float) -> None:
-        self.scorer = Scorer(tuple(self.weight_oi.shape), self.weight.device, kind, beta1, beta2)
+        self.scorer = Scorer(tuple(self.weight_oi.shape), self.weight.device, kind, beta1, beta2, self.weight.dtype)
         self.scorer.weight = self.weight_oi  # the delta form replaces it in forward
 
     def stop_scoring(self) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .importance import at_least_fp32
+
 CANDIDATES = ("independent", "rows_first", "cols_first")
 
 
@@ -41,7 +43,7 @@ def select_block(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(rows, cols, block mass) for an (m, n) score; "best" keeps the candidate with the largest mass
     (the first of independent, rows_first, cols_first on a tie)."""
-    score = score.float()
+    score = score.to(at_least_fp32(score.dtype))
     names = CANDIDATES if how == "best" else (how,)
     best = None
     for name in names:
@@ -64,5 +66,5 @@ def random_block(
 
 def magnitude_block(weight: torch.Tensor, k_rows: int, k_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and columns with the largest |W| sums."""
-    magnitude = weight.detach().float().abs()
+    magnitude = weight.detach().to(at_least_fp32(weight.dtype)).abs()
     return top_k(magnitude.sum(1), k_rows), top_k(magnitude.sum(0), k_cols)

@@ -37,7 +37,7 @@ def route_tied_embedding(embedding: nn.Module, head: SubnetLinear):
             grad_acc, rows = head.scorer.grad_acc, ids[looked_up]
 
             def add_to_score(grad: torch.Tensor) -> None:
-                grad_acc.index_add_(0, rows, (grad * scale)[looked_up].float())
+                grad_acc.index_add_(0, rows, (grad * scale)[looked_up].to(grad_acc.dtype))
 
             output.register_hook(add_to_score)
         return output
