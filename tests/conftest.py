@@ -16,6 +16,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LOSIA_CACHE", str(REPO / ".pytest_cache" / "losia"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Modules that compare floats reached by different paths (Pro against the dense form or the reference,
+# resumed against straight, sharded against one process, merged against trained). CI reruns them under
+# other MKL kernel branches and thread counts (.ci/run), so a bound that holds on one CPU only fails there.
+NUMERIC = {
+    "test_losia_equivalence", "test_losia_reference", "test_losia_autograd", "test_losia_selection",
+    "test_losia_resume", "test_step", "test_data_packing", "test_peft_methods", "test_eval_model",
+    "test_scorer_fused", "test_merge", "test_lm_eval", "test_engine", "test_distributed",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in NUMERIC:
+            item.add_marker(pytest.mark.numeric)
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

@@ -86,7 +86,8 @@ def rewarm_factor(t: int, restart, ramp: int, total: int, warmup: int, rho: floa
 
 
 def importance(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    wg = weight.float() * grad.float()
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+    wg = weight.to(dtype) * grad.to(dtype)
     return (wg - 0.5 * wg * wg).abs()
 
 

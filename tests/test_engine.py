@@ -18,6 +18,8 @@ from losia_cli.engine import checkpoint
 from losia_cli.engine import step as step_driver
 from losia_cli.engine.loop import train
 
+from test_losia_support import FP64_ATOL
+
 METRIC_FIELDS = {"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s", "peak_mem_bytes"}
 REPORT_FIELDS = {
     "method", "trainable_params", "optimizer_state_bytes", "step_time_s", "tokens_per_s",
@@ -56,14 +58,14 @@ def test_loss_goes_down(tiny_config):
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_config):
-    big = train(tiny_config("big", "method=full", "train.max_steps=3"))
-    acc = train(tiny_config(
-        "acc", "method=full", "train.max_steps=3",
-        "train.micro_batch_size=2", "train.grad_accum=2",
-    ))
+    """Two micro-batches sum the same token losses as one batch, in another order: fp64 and FP64_ATOL."""
+    common = ("method=full", "train.max_steps=3", "model.dtype=fp64")
+    big = train(tiny_config("big", *common))
+    acc = train(tiny_config("acc", *common, "train.micro_batch_size=2", "train.grad_accum=2"))
     a, b = final_weights(big), final_weights(acc)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-5)
+        assert a[key].dtype == torch.float64, key
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=FP64_ATOL)
 
 
 def test_lora_final_is_an_adapter(tiny_config):

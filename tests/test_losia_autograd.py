@@ -11,14 +11,14 @@ from transformers.pytorch_utils import Conv1D
 
 from losia_cli.methods.losia.layer import SubnetLinear
 from test_losia_support import one_thread  # noqa: F401  (autouse fixture)
-from test_losia_support import MODELS, batch, build
+from test_losia_support import FP64_ATOL, MODELS, batch, build
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INPUT_SHAPES = {"2d": (12,), "3d": (2, 6), "4d": (2, 3, 2)}  # leading (token) dims
 
 
-def layer0_linears(kind: str) -> dict[str, nn.Linear]:
-    model = MODELS[kind]()
+def layer0_linears(kind: str, dtype: torch.dtype = torch.float32) -> dict[str, nn.Linear]:
+    model = MODELS[kind]().to(dtype)
     layer = model.model.layers[0]
     return {name: getattr(layer.self_attn if name[0] in "qkvo" else layer.mlp, name) for name in PROJECTIONS}
 
@@ -54,16 +54,17 @@ def run_both(dense, wrapped, lead: tuple[int, ...], dtype=torch.float32):
 @pytest.mark.parametrize("shape", list(INPUT_SHAPES))
 @pytest.mark.parametrize("pro", [True, False], ids=["pro", "dense"])
 def test_block_gradient_is_the_dense_slice(kind, shape, pro):
-    for name, linear in layer0_linears(kind).items():
+    """In fp64: the block GEMM sums the same products as the dense one, in an order BLAS chooses."""
+    for name, linear in layer0_linears(kind, torch.float64).items():
         dense, wrapped = dense_and_subnet(linear, pro)
-        (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, INPUT_SHAPES[shape])
+        (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, INPUT_SHAPES[shape], torch.float64)
         rows, cols = wrapped.rows, wrapped.cols
         assert torch.equal(y_sub, y_dense), name
-        torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=1e-6, rtol=0)
-        torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=1e-6, rtol=0)
+        torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=FP64_ATOL, rtol=0)
+        torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=FP64_ATOL, rtol=0)
         assert wrapped.weight.grad is None
         if dense.bias is not None:  # qwen2 q/k/v
-            torch.testing.assert_close(wrapped.bias.grad, dense.bias.grad, atol=1e-6, rtol=0)
+            torch.testing.assert_close(wrapped.bias.grad, dense.bias.grad, atol=FP64_ATOL, rtol=0)
 
 
 def test_qwen2_has_biases_to_check():
@@ -72,16 +73,15 @@ def test_qwen2_has_biases_to_check():
 
 @pytest.mark.parametrize("pro", [True, False], ids=["pro", "dense"])
 def test_scoring_accumulates_the_full_gradient_over_micro_batches(pro):
-    linear = layer0_linears("qwen2")["k_proj"]
+    linear = layer0_linears("qwen2", torch.float64)["k_proj"]
     dense, wrapped = dense_and_subnet(linear, pro)
     wrapped.start_scoring("param_mix", 0.85, 0.85)
     assert wrapped.mode == "scoring"
-    for micro in range(2):  # gradient accumulation: both sides sum
-        run_both(dense, wrapped, (2, 5))
-    # Two summed micro-batches of O(10) entries: allow fp32 rounding on top of the 1e-6.
-    torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad, atol=1e-6, rtol=1e-6)
+    for micro in range(2):  # gradient accumulation: both sides sum (in another order: fp64)
+        run_both(dense, wrapped, (2, 5), torch.float64)
+    torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad, atol=FP64_ATOL, rtol=0)
     torch.testing.assert_close(
-        wrapped.sub.grad, dense.weight.grad[wrapped.rows][:, wrapped.cols], atol=1e-6, rtol=1e-6
+        wrapped.sub.grad, dense.weight.grad[wrapped.rows][:, wrapped.cols], atol=FP64_ATOL, rtol=0
     )
 
 
@@ -90,8 +90,8 @@ def test_scoring_accumulates_the_full_gradient_over_micro_batches(pro):
 def test_delta_form_is_the_layer_write_through_would_give(pro, scoring):
     """Delta form: W keeps the block it had when the block was chosen and the layer adds sub - W[R, C]
     on the fly. Outputs and gradients equal a dense layer holding `sub` at [R, C], and W is untouched."""
-    # (sub moves by O(1), so fp32 rounding of the extra block GEMM is relative: rtol as well.)
-    dense, wrapped = dense_and_subnet(layer0_linears("qwen2")["q_proj"], pro, delta=True)  # with bias
+    # In fp64: the extra block GEMM adds the same products in another order.
+    dense, wrapped = dense_and_subnet(layer0_linears("qwen2", torch.float64)["q_proj"], pro, delta=True)
     rows, cols = wrapped.rows, wrapped.cols
     with torch.no_grad():
         wrapped.sub.add_(torch.randn_like(wrapped.sub))  # trained since the block was chosen
@@ -99,18 +99,18 @@ def test_delta_form_is_the_layer_write_through_would_give(pro, scoring):
     stale = wrapped.weight.clone()
     if scoring:
         wrapped.start_scoring("param_mix", 0.85, 0.85)
-    (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (2, 5))
-    torch.testing.assert_close(y_sub, y_dense, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(wrapped.bias.grad, dense.bias.grad, atol=1e-6, rtol=1e-6)
+    (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (2, 5), torch.float64)
+    torch.testing.assert_close(y_sub, y_dense, atol=FP64_ATOL, rtol=0)
+    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=FP64_ATOL, rtol=0)
+    torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=FP64_ATOL, rtol=0)
+    torch.testing.assert_close(wrapped.bias.grad, dense.bias.grad, atol=FP64_ATOL, rtol=0)
     if scoring:  # the score weighs the full gradient by the weight the forward used
-        torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(wrapped.scorer.grad_acc, dense.weight.grad, atol=FP64_ATOL, rtol=0)
         assert torch.equal(wrapped.scorer.weight, dense.weight)
     assert torch.equal(wrapped.weight, stale)
-    x = torch.randn(3, dense.in_features)
+    x = torch.randn(3, dense.in_features, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(x), dense(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(wrapped(x), dense(x), atol=FP64_ATOL, rtol=0)
         wrapped.write_through()
     assert torch.equal(wrapped.weight, dense.weight)
 
@@ -179,19 +179,19 @@ def test_bf16_weights_with_fp32_master_block():
 
 
 def test_conv1d_transposed_weight():
-    conv = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs, weight (16, 24)
+    conv = Conv1D(24, 16).double()  # nf=24 outputs, nx=16 inputs, weight (16, 24); fp64 as above
     torch.nn.init.normal_(conv.bias)
-    dense = nn.Linear(16, 24)
+    dense = nn.Linear(16, 24, dtype=torch.float64)
     dense.weight.data.copy_(conv.weight.t())
     dense.bias.data.copy_(conv.bias)
     rows, cols = random_block(24, 16)
     wrapped = SubnetLinear(conv, rows, cols, pro=True)
     wrapped.bias.requires_grad_(True)
     assert (wrapped.out_features, wrapped.in_features) == (24, 16)
-    (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (2, 5))
-    torch.testing.assert_close(y_sub, y_dense, atol=1e-6, rtol=0)
-    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=1e-6, rtol=0)
-    torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=1e-6, rtol=0)
+    (x_dense, y_dense), (x_sub, y_sub) = run_both(dense, wrapped, (2, 5), torch.float64)
+    torch.testing.assert_close(y_sub, y_dense, atol=FP64_ATOL, rtol=0)
+    torch.testing.assert_close(x_sub.grad, x_dense.grad, atol=FP64_ATOL, rtol=0)
+    torch.testing.assert_close(wrapped.sub.grad, dense.weight.grad[rows][:, cols], atol=FP64_ATOL, rtol=0)
     with torch.no_grad():
         wrapped.sub.add_(1.0)
     wrapped.write_through()
@@ -210,7 +210,7 @@ def block_grads(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing(reentrant):
-    model, method = build(name="losia_pro")
+    model, method = build(name="losia_pro", dtype=torch.float64)  # recomputed sums may round apart: fp64
     ids = batch(0, 0)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -231,10 +231,10 @@ def test_activation_checkpointing(reentrant):
     assert plain_score and set(checkpointed) == set(plain_grads)
     assert all(name.endswith(".sub") for name in plain_grads)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(checkpointed[name], grad, atol=FP64_ATOL, rtol=0)
     for t in method.targets:  # recomputation must not count a scoring sample twice
         if t.module.scorer:
-            torch.testing.assert_close(t.module.scorer.grad_acc, plain_score[t.name], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(t.module.scorer.grad_acc, plain_score[t.name], atol=FP64_ATOL, rtol=0)
 
 
 def test_dense_mode_keeps_no_copy_of_the_weight():

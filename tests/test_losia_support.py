@@ -19,6 +19,15 @@ from losia_cli.methods.losia import LosiaConfig, LosiaMethod
 
 VOCAB = 64
 
+# The bound for two fp64 runs that do the same arithmetic in a different order (Pro's block GEMM against the
+# dense gradient sliced, a tied head's two gradient paths summed in another order, the reference's loop).
+# Each sum rounds at ~1e-16 relative; AdamW turns a relative gradient error d into a weight error of about
+# lr * d per step, so 50 steps at lr 1e-2 stay near 1e-14 (8.5e-15 is the largest seen, qwen2 with
+# param_second, the same on every MKL branch and thread count). A real defect (a wrong block, moment reset,
+# rewarm or a lost gradient path) moves some weight by at least ~lr * 1e-2 = 1e-4. The same comparisons in
+# fp32 differ by up to 4e-5 and by how MKL blocks its GEMMs, which no fixed bound can hold on every CPU.
+FP64_ATOL = 1e-10
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -81,13 +90,16 @@ def make_ctx(total_steps: int = 50, warmup: int = 5, seed: int = 1, records: lis
 
 
 def build(
-    model_fn=tiny_llama, total_steps: int = 50, records: list | None = None, ctx_kw: dict | None = None, **cfg
+    model_fn=tiny_llama, total_steps: int = 50, records: list | None = None, ctx_kw: dict | None = None,
+    dtype: torch.dtype | None = None, **cfg
 ):
-    """(model, method) with the method prepared; cfg goes to LosiaConfig (small T and p by default)."""
+    """(model, method) with the method prepared, the model cast to `dtype` if given; cfg goes to LosiaConfig
+    (small T and p by default)."""
     cfg.setdefault("period", 3)
     cfg.setdefault("rank_factor", 0.25)
     method = LosiaMethod(LosiaConfig(**cfg))
-    model = method.prepare(model_fn(), make_ctx(total_steps, records=records, **(ctx_kw or {})))
+    model = model_fn() if dtype is None else model_fn().to(dtype)
+    model = method.prepare(model, make_ctx(total_steps, records=records, **(ctx_kw or {})))
     return model, method
 
 
