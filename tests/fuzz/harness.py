@@ -85,13 +85,19 @@ class Worker:
 
 
 def tree_state(root: Path) -> dict[str, tuple]:
-    """What each path under `root` is, without reading contents: a write in place changes the size or
-    mtime, a replacement the inode (run dirs are hard-linked copies, never edited in place here)."""
+    """What each path under `root` is, without reading contents: a write in place changes a file's size
+    or mtime, a replacement its inode (run dirs are hard-linked copies, never edited in place here). A
+    folder is only there or not: a temporary file made and removed in it changes nothing kept. A run's
+    lock file (`.lock`, its holder's pid) is the lock's own business."""
     state = {}
     for path in [root, *root.rglob("*")] if root.exists() or root.is_symlink() else []:
+        if path.name == ".lock":
+            continue
         st = path.lstat()
+        kind = stat.S_IFMT(st.st_mode)
         target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-        state[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino, target)
+        state[str(path.relative_to(root))] = (kind,) if kind == stat.S_IFDIR else (
+            kind, st.st_size, st.st_mtime_ns, st.st_ino, target)
     return state
 
 
@@ -157,7 +163,9 @@ def _cause(trace: str) -> str:
     """A traceback's exception line and the innermost losia frame: the group a failure is counted in."""
     frames = re.findall(r'File "([^"]*losia_cli[^"]*)", line (\d+), in (\w+)', trace)
     where = f" at {Path(frames[-1][0]).name}:{frames[-1][2]}" if frames else ""
-    return re.sub(r"0x[0-9a-f]+|\d{3,}", "N", _last_line(trace))[:140] + where
+    # The exception's own line: yaml and others add lines (a caret, a snippet) after it.
+    raised = re.findall(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*$", trace, flags=re.M)
+    return re.sub(r"0x[0-9a-f]+|\d{3,}", "N", raised[-1] if raised else _last_line(trace))[:140] + where
 
 
 def repro_line(argv: list[str]) -> str:

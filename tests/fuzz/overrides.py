@@ -248,10 +248,25 @@ def edit_cases(draw, leaves: list[Leaf]) -> Case:
         Case((f"~{section}.{ident}",), INVALID, (f"{section}.{ident}",)),
         Case((f"++{leaf.key}=1",), ANY, (leaf.key,)),
         Case((f"+{section}.{ident}.x=1",), INVALID, (f"{section}.{ident}", f"{section}:")),
-        Case((f"{draw(st.sampled_from(['hydra.run.dir=/', 'hydra.job.chdir=true', 'hydra.verbose=true']))}",),
+        Case((f"{draw(st.sampled_from(['hydra.job.chdir=true', 'hydra.verbose=true', 'hydra.output_subdir=x']))}",),
              ANY, ("hydra",)),
     ]
     return draw(st.sampled_from(choices))
+
+
+def issue_cases() -> list[Case]:
+    """The override cases issue #22 reported, run every time besides the drawn ones."""
+    invalid = [
+        ("train=1", "train"), ("data.source=", "data.source"), ("data.chat_template=" + "a" * 20_000, "data.chat_template"),
+        ("model.attn_implementation=bogus", "model.attn_implementation"),
+        ("train.max_grad_norm=-0.5", "train.max_grad_norm"), ("train.max_grad_norm=nan", "train.max_grad_norm"),
+        ("train.eps=-1", "train.eps"), ("train.eps=1e-400", "train.eps"), ("eval.temperature=-3", "eval.temperature"),
+        ("eval.temperature=nan", "eval.temperature"), ("eval.top_p=nan", "eval.top_p"), ("seed=true", "seed"),
+        ("dist.num_processes=true", "dist.num_processes"), ("hydra.run.dir=/", "hydra.run.dir"), ("~train.lr", "train.lr"),
+        ("train.lr=[", "train.lr"), ("data.source=${nonexistent_key}", "data.source"),
+        ("train.lr=${oc.env:LOSIA_FUZZ_UNSET}", "train.lr"), ("data.val_source='a b c'", "data.val_source"),
+    ]
+    return [Case((word,), INVALID, (key,)) for word, key in invalid]
 
 
 def override_cases(leaves: list[Leaf]):

@@ -57,6 +57,8 @@ def damage(draw, run: Path) -> tuple[str, str, object]:
 
 def apply(run: Path, rel: str, kind: str, param) -> None:
     path = run / rel
+    if kind == "none":
+        return
     if kind == "empty" and path.is_dir():
         shutil.rmtree(path)
         path.mkdir()
@@ -102,6 +104,15 @@ def commands(run: Path, out: Path, train_overrides: list[str]) -> dict[str, tupl
                     "run.resume=auto"], ""),
     }
 
+
+# The run-dir cases issue #22 reported: (command, damage, index into OUTS or None).
+ISSUE_CASES = [
+    *((command, ("config.yaml", kind, param), None) for command in ("merge", "report", "eval", "export", "chat")
+      for kind, param in (("truncate", 40), ("not-utf8", 10))),
+    *((command, ("final/config.json", "empty", None), None) for command in ("merge", "eval", "export", "chat")),
+    ("merge", ("config.yaml", "none", None), 0),  # merge RUN --out . --force
+    ("resume", ("checkpoints", "delete", None), None),  # resume=auto with no checkpoint left
+]
 
 # --out values that point back into the input, or at the working dir: the run must stay as it was.
 OUTS = {
