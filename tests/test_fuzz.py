@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz import datafiles, rundirs
-from fuzz.harness import ANY, Tally, Worker, changed, repro_line, tree_state
+from fuzz.harness import ANY, INVALID, Tally, Worker, changed, headline, repro_line, tree_state
 from fuzz.overrides import issue_cases, override_cases, schema_leaves
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,21 +39,17 @@ def fuzz_settings(n: int):
 
 @pytest.fixture(scope="module")
 def summary():
+    """The categories' tallies; at the end, one line over all of them (shown with -s: `make fuzz`)."""
     tallies: list[Tally] = []
     yield tallies
-    if tallies:  # shown with -s (`make fuzz`)
-        total = Tally("fuzz, all categories")
-        for tally in tallies:
-            total.cases += tally.cases
-            for kind, causes in tally.failures.items():
-                for cause, repros in causes.items():
-                    total.failures[kind][f"{tally.name}: {cause}"] += repros
-        print("\n" + "\n".join(t.report(examples=5) for t in tallies) + "\n" + total.report(examples=0).split("\n")[0])
+    if tallies:
+        counts = {kind: sum(t.counts()[kind] for t in tallies) for kind in Tally.KINDS}
+        print("\n" + headline("fuzz, all categories", sum(t.cases for t in tallies), counts))
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, smollm2_dir):
-    """A scratch root and the worker: its own data cache (sharing the converted SmolLM2) and HOME."""
+    """A scratch root and the worker, with a data cache of its own (sharing the converted SmolLM2)."""
     root = tmp_path_factory.mktemp("fuzz")
     cache = root / "cache"
     cache.mkdir()
@@ -76,6 +72,7 @@ def _scratch(root: Path, name: str) -> Path:
 
 def _finish(tally: Tally, summary: list) -> None:
     summary.append(tally)
+    print("\n" + tally.report(examples=5))  # shown with -s (`make fuzz`), as each category ends
     counts = tally.counts()
     assert not any(counts.values()), tally.report(examples=3)
 
@@ -129,7 +126,7 @@ def test_fuzz_special_files(sandbox, summary):
             path = make(folder)
             argv = ["recipes", "validate", RECIPE, f"{key}={path}"]
             outcome = worker.run(argv, work, SPECIAL_TIMEOUT_S)
-            tally.check(outcome, datafiles.INVALID, [str(path)], f"{name}: {repro_line(argv)}",
+            tally.check(outcome, INVALID, [str(path)], f"{name}: {repro_line(argv)}",
                         outside=[p for p in tree_state(work) if p != "."])
     _finish(tally, summary)
 

@@ -123,8 +123,7 @@ class Tally:
         return {kind: sum(map(len, self.failures[kind].values())) for kind in self.KINDS}
 
     def report(self, examples: int = 1) -> str:
-        counts = self.counts()
-        lines = [f"{self.name}: {self.cases} cases, " + ", ".join(f"{n} {k}" for k, n in counts.items())]
+        lines = [headline(self.name, self.cases, self.counts())]
         for kind in self.KINDS:
             for cause, repros in sorted(self.failures[kind].items(), key=lambda kv: -len(kv[1])):
                 lines.append(f"  {kind} x{len(repros)}: {cause}")
@@ -152,6 +151,10 @@ class Tally:
             self.fail("changed input", f"changed in the input run dir: {changed_input[0]}", repro)
         if outside:
             self.fail("wrote outside", f"written outside the output: {outside[0]}", repro)
+
+
+def headline(name: str, cases: int, counts: dict[str, int]) -> str:
+    return f"{name}: {cases} cases, " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
 
 def _last_line(text: str) -> str:
