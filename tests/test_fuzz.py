@@ -29,7 +29,7 @@ TOTAL = int(os.environ.get("LOSIA_FUZZ_CASES", "0"))
 COUNTS = ({"overrides": TOTAL * 60 // 100, "data": TOTAL * 25 // 100, "rundirs": TOTAL * 15 // 100} if TOTAL
           else {"overrides": 100, "data": 30, "rundirs": 2})  # + the cases issue #22 reported, every time
 TIMEOUT_S = 60  # one case, in the worker; a fixed build of a tiny file takes a second or two
-SPECIAL_TIMEOUT_S = 10  # a path that is not a regular file must be refused at once, never read
+SPECIAL_TIMEOUT_S = 20  # a path that is not a regular file must be refused at once, never read
 
 
 def fuzz_settings(n: int):
