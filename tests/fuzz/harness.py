@@ -42,7 +42,6 @@ class Worker:
     def __init__(self, env: dict[str, str]):
         self.env = env
         self.proc = None
-        self.restarts = 0
 
     def _start(self) -> None:
         read, write = os.pipe()
@@ -78,8 +77,7 @@ class Worker:
             result = None
         if result is None:  # stuck in C code, or died (killed for memory, a crash in native code)
             died = self.proc.poll() is not None
-            self.stop()
-            self.restarts += 1
+            self.stop()  # the next case starts a fresh one
             return Outcome("hang") if not died else Outcome(None, escaped="the worker process died")
         return Outcome(**result)
 
