@@ -87,7 +87,7 @@ def test_fuzz_overrides(sandbox, summary):
         argv = ["recipes", "validate", RECIPE, *case.words]
         outcome = worker.run(argv, work, TIMEOUT_S)
         tally.check(outcome, case.expect, list(case.names), repro_line(argv),
-                    outside=[p for p in tree_state(work) if p != "."])
+                    outside=[p for p in tree_state(work) if p != "."], about=case.names[0])
 
     for case in issue_cases():
         one(case)
@@ -110,7 +110,7 @@ def test_fuzz_data_files(sandbox, summary):
         outcome = worker.run(argv, work, TIMEOUT_S)
         tally.check(outcome, case.expect, [str(path), path.name], f"{case.what}: {repro_line(argv)}",
                     changed_input=changed(before, tree_state(folder)),
-                    outside=[p for p in tree_state(work) if p != "."])
+                    outside=[p for p in tree_state(work) if p != "."], about=case.what.split(", row ")[0])
 
     one()
     _finish(tally, summary)

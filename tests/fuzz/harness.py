@@ -129,8 +129,9 @@ class Tally:
         return "\n".join(lines)
 
     def check(self, outcome: Outcome, expect: str, names: list[str], repro: str,
-              changed_input: list[str] = (), outside: list[str] = ()) -> None:
-        """Hold one case's outcome to the property; `names`: what an exit-2 message must mention (one of)."""
+              changed_input: list[str] = (), outside: list[str] = (), about: str = "certainly invalid input") -> None:
+        """Hold one case's outcome to the property; `names`: what an exit-2 message must mention (one of);
+        `about`: what the input was (silent acceptances are grouped by it)."""
         self.cases += 1
         err = outcome.err
         if outcome.escaped or "Traceback (most recent call last)" in err + outcome.out:
@@ -140,7 +141,7 @@ class Tally:
         elif outcome.code not in (0, 2):
             self.fail("bad exit code", f"exit {outcome.code}: {_last_line(err)}", repro)
         elif outcome.code == 0 and expect == INVALID:
-            self.fail("silent acceptance", "exit 0 on certainly invalid input", repro)
+            self.fail("silent acceptance", f"exit 0 on {about}", repro)
         elif outcome.code == 2 and expect == VALID:
             self.fail("refused valid input", _last_line(err)[:160], repro)
         elif outcome.code == 2 and not any(n and n in err for n in names):
