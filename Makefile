@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.losia-installed
 # Tests and the demo never touch the Hugging Face hub.
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install demo test test-fast test-numeric clean gpu-wheels
+.PHONY: install demo test test-fast test-numeric fuzz clean gpu-wheels
 
 # torch is installed first and on its own, then pinned by constraints.txt, so pip never swaps the
 # CPU build for a CUDA one (GPU users: see README, "Installing on a GPU machine").
@@ -32,6 +32,12 @@ test-fast: $(STAMP)
 # OMP_NUM_THREADS set to other values (see .ci/run).
 test-numeric: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m numeric
+
+# The long run of the fuzzer (tests/test_fuzz.py; `make test` runs its fast slice): FUZZ_CASES cases
+# over overrides, data files and run dirs, then a summary of what failed, one repro per cause.
+FUZZ_CASES ?= 3000
+fuzz: $(STAMP)
+	$(OFFLINE) LOSIA_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 # Wheels benchmarks/gpu/run.sh installs offline (`pip install --no-index --no-deps --target`) on the GPU
 # image (Python 3.12; torch, transformers, peft, accelerate, rich, matplotlib, pytest, pyarrow, pandas
