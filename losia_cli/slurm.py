@@ -244,7 +244,7 @@ def slurm(recipe: str, overrides: list[str], opts: SlurmOptions, console, recipe
     slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output dir
     script = slurm_dir / "job.sbatch"
     atomic.write_text(script, text)
-    script.chmod(0o755)
+    script.chmod(0o777 & ~atomic.umask())  # executable, and as private as the user's other files
     per_node = f"{opts.gpus_per_node} GPU(s)" if opts.gpus_per_node else "CPU"
     console.print(f"wrote {script}: {opts.nodes} node(s) x {per_node}, {total} process(es), "
                   f"run dir {cfg.run_dir()}", markup=False)
