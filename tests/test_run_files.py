@@ -99,6 +99,8 @@ def test_a_damaged_run_file_is_one_line_naming_it(runs, tmp_path, monkeypatch, c
     DAMAGES[damage](run_dir / name)
     before = tree(run_dir)
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    if name == "config.yaml" and damage == "missing":  # report needs only the records (test below)
+        commands = tuple(c for c in commands if c != "report")
     for command in commands:
         out = tmp_path / "out"
         code = main(_command(command, run_dir, out))
@@ -106,7 +108,7 @@ def test_a_damaged_run_file_is_one_line_naming_it(runs, tmp_path, monkeypatch, c
         lines = [line for line in err.splitlines() if not line.startswith("note:")]
         where = f"{command} with {name} {damage}"
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, f"{where}: exit {code}\n{err}"
-        if name == "config.yaml" and damage == "missing" and command != "merge":
+        if name == "config.yaml" and damage == "missing":  # not a run dir then; eval & co: nor a model dir
             assert str(run_dir) in lines[0], where  # then it is no run dir: taken as a model dir without config.json
         else:
             assert f"{run_dir / name}: " in lines[0] and re.search(MESSAGES[damage], lines[0]), f"{where}: {lines[0]}"
