@@ -33,6 +33,30 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where /proc tells it (setting and restoring it
+    would, for that moment, give another thread's new files the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(root: Path) -> None:
+    """Give every file under `root` (or `root` itself) the mode a plain open() would: 0666 less the
+    umask. One policy for all files losia writes: safetensors, for one, creates its files 0600."""
+    mode = 0o666 & ~umask()
+    files = [root] if root.is_file() else [Path(d) / name for d, _, names in os.walk(root) for name in names]
+    for path in files:
+        if not path.is_symlink() and path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file under `root`, then the directories, deepest first."""
     for dirpath, _, filenames in sorted(os.walk(root), key=lambda entry: -entry[0].count(os.sep)):
@@ -51,6 +75,7 @@ def file(path: Path) -> Iterator[Path]:
     tmp = temp_path_for(path)
     try:
         yield tmp
+        _honour_umask(tmp)
         _fsync(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -80,8 +105,13 @@ def _files_under(root: Path) -> set[str]:
 
 
 def foreign(out: Path) -> str | None:
-    """Why replacing `out` would lose something (a file, a run dir, files it was not written with), or None."""
+    """Why replacing `out` would lose something (the working directory or a dir above it, a link, a
+    file, a run dir, files it was not written with), or None."""
     out = Path(out)
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # `.`, `..`, `/`: checked before any listing
+        return f"{out} holds the working directory"
+    if out.is_symlink():
+        return f"{out} is a symbolic link"
     if not out.exists():
         return None
     if not out.is_dir():
@@ -110,6 +140,7 @@ def directory(final: Path, *, overwrite: bool = False, shared: bool = False, lis
         yield tmp
         if listed:
             (tmp / WRITTEN).write_text("".join(f"{name}\n" for name in sorted(_files_under(tmp))))
+        _honour_umask(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

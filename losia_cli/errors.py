@@ -42,6 +42,11 @@ class MergeError(LosiaError, ValueError):
     """A run that cannot be merged, or a merge that failed verification."""
 
 
+class RunFileError(LosiaError, ValueError):
+    """A file of a run dir that is missing, not a regular file, not UTF-8 or not valid YAML/JSON; the
+    message names the file (and the line)."""
+
+
 class ReportError(LosiaError, ValueError):
     """A path that is not a run dir, or a run file that cannot be read."""
 

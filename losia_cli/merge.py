@@ -24,10 +24,10 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5
     from losia_cli.engine.records import versions
 
     run_dir, out = Path(run_dir), Path(out)
+    if reason := atomic.foreign(out):  # first: --force would not help
+        raise MergeError(f"--out: {reason}; not replacing it, choose another --out")
     if out.exists() and not force:
         raise MergeError(f"{out} already exists; pass --force to replace it")
-    if reason := atomic.foreign(out):
-        raise MergeError(f"--out: {reason}; not replacing it, choose another --out")
     model, tokenizer, reference = load_run_model(run_dir)
     # Cast the weights only: buffers such as rotary `inv_freq` stay fp32, as from_pretrained keeps them.
     for param in model.parameters():

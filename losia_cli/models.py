@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from losia_cli import atomic
-from losia_cli.errors import MergeError, ModelError
+from losia_cli.errors import MergeError, ModelError, RunFileError
 from losia_cli.resources import cache_dir
 
 if TYPE_CHECKING:
@@ -153,12 +153,16 @@ def probe_tokens(model) -> torch.Tensor:
 
 def run_config(run_dir: Path) -> dict:
     """The config.yaml a finished or running `losia train` wrote into its run dir."""
-    import yaml
+    from losia_cli.engine.rundir import read_yaml
 
     path = run_dir / "config.yaml"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise MergeError(f"{run_dir} is not a losia run dir (no config.yaml)")
-    return yaml.safe_load(path.read_text())
+    config = read_yaml(path)
+    method = config.get("method")
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise RunFileError(f"{path}: no method.name")
+    return config
 
 
 def load_plain(path: Path, dtype=torch.float32):
@@ -174,24 +178,33 @@ def load_plain(path: Path, dtype=torch.float32):
 def load_run_model(run_dir: Path):
     """(the run's trained model in fp32 with any PEFT adapter folded in, its tokenizer, the adapter
     model's logits on `probe_tokens` before folding (None without an adapter))."""
-    from transformers import AutoTokenizer
-
+    from losia_cli.engine.rundir import read_json
     from losia_cli.methods import exports_adapter
 
     config = run_config(run_dir)
+    adapter = exports_adapter(config["method"]["name"])
     final = run_dir / "final"
     if not final.is_dir():
         hint = " (it has checkpoints: resume it to the end first)" if (run_dir / "checkpoints").is_dir() else ""
         raise MergeError(f"{run_dir} has no final/ : the run did not finish{hint}")
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    if not exports_adapter(config["method"]["name"]):
+    # transformers and peft report a damaged JSON file as a traceback (or name no file): read them first.
+    needed = {"tokenizer_config.json", "adapter_config.json" if adapter else "config.json"}
+    for name in sorted(needed | {p.name for p in final.glob("*.json")}):
+        read_json(final / name)
+    tokenizer = load_tokenizer(str(final))
+    if not adapter:
         return load_plain(final), tokenizer, None
 
     from peft import PeftModel
+    from pydantic import ValidationError
 
-    from losia_cli.config import ModelConfig
+    from losia_cli.config import ModelConfig, format_validation_error
 
-    base = load_plain(Path(resolve_model_path(ModelConfig(**config["model"]))))
+    try:
+        base_cfg = ModelConfig.model_validate(config.get("model"))
+    except ValidationError as e:
+        raise RunFileError(f"{run_dir / 'config.yaml'}: {format_validation_error(e, ('model',))}") from None
+    base = load_plain(Path(resolve_model_path(base_cfg)))
     try:
         adapted = PeftModel.from_pretrained(base, final)
     except Exception as e:  # a truncated or damaged adapter: safetensors and peft raise many types

@@ -48,7 +48,8 @@ class SlurmOptions:
 
 def time_limit_seconds(value: str) -> int:
     """Seconds of a Slurm --time value: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    # Matched as given, not stripped: the value goes into the script as it is.
+    m = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?", value)
     if not m:
         raise SlurmError(f"--time {value!r}: use HH:MM:SS, MM, MM:SS or D-HH[:MM[:SS]]")
     days, a, b, c = (int(x) if x else None for x in m.groups())
@@ -76,8 +77,33 @@ def _check_options(opts: SlurmOptions) -> None:
     if not 0 < opts.signal_seconds < limit:
         raise SlurmError(f"--signal-seconds {opts.signal_seconds}: must be between 1 and the time limit "
                          f"({limit} s), to leave time for the checkpoint")
-    if opts.job_name and not re.fullmatch(r"[\w.+-]+", opts.job_name):
+    if opts.job_name and not re.fullmatch(r"[\w.+-]+", opts.job_name, flags=re.ASCII):
         raise SlurmError(f"--job-name {opts.job_name!r}: letters, digits and . _ + - only")
+    if opts.mem and not re.fullmatch(r"[0-9]+[KMGT]?", opts.mem):
+        raise SlurmError(f"--mem {opts.mem!r}: a size in megabytes, or with a unit K, M, G or T (e.g. 200G)")
+    for option, value in (("--partition", opts.partition), ("--account", opts.account)):
+        if value and not re.fullmatch(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*", value):
+            raise SlurmError(f"{option} {value!r}: a name (or a comma-separated list) of letters, digits "
+                             "and . _ + - only")
+
+
+# A #SBATCH line is a comment to bash, ended by a newline, and sbatch splits its value at white space
+# and reads quotes and backslashes: a value that goes there is one plain word, never quoted.
+_DIRECTIVE_WORD = re.compile(r"[^\s\"'\\]+")
+
+
+def _check_directive(option: str, value: str) -> None:
+    if not (_DIRECTIVE_WORD.fullmatch(value) and value.isprintable()):
+        raise SlurmError(f"{option} {value!r}: must be one word without spaces, quotes, backslashes or "
+                         "control characters (it goes into a #SBATCH line)")
+
+
+def _check_paths(cfg, slurm_dir: Path, out_dir_given: bool) -> None:
+    """The paths the script names outside shell quoting: --chdir, --output/--error and its comment line."""
+    _check_directive("the working directory (--chdir)", str(Path.cwd()))
+    _check_directive("--out-dir" if out_dir_given else "run.output_dir (the logs go to RUN_DIR/slurm)", str(slurm_dir))
+    if not str(cfg.run_dir()).isprintable():  # only in a comment line: spaces are harmless there
+        raise SlurmError(f"run.output_dir {cfg.run.output_dir!r}: must not hold control characters (newlines)")
 
 
 def _recipe_override(recipe: str) -> str:
@@ -136,7 +162,9 @@ def render(words: list[str], cfg, opts: SlurmOptions, slurm_dir: Path, recipes: 
            python: str = sys.executable) -> str:
     """The sbatch script text. Paths are absolute: the job may start from another directory.
 
-    `python` is this interpreter by default, so the job runs in the environment that validated it."""
+    `python` is this interpreter by default, so the job runs in the environment that validated it.
+    Every value is either checked to be one plain word here or in _check_options, or shell-quoted."""
+    _check_paths(cfg, slurm_dir, opts.out_dir is not None)
     name = opts.job_name or cfg.run.name
     sbatch = [
         f"--job-name={name}",
@@ -212,10 +240,11 @@ def slurm(recipe: str, overrides: list[str], opts: SlurmOptions, console, recipe
     """Write the job script (and submit it with opts.submit); return its path."""
     words, cfg, total = prepare(recipe, overrides, opts, recipes)
     slurm_dir = Path(opts.out_dir or cfg.run_dir() / "slurm").resolve()
+    text = render(words, cfg, opts, slurm_dir, recipes)
     slurm_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output dir
     script = slurm_dir / "job.sbatch"
-    atomic.write_text(script, render(words, cfg, opts, slurm_dir, recipes))
-    script.chmod(0o755)
+    atomic.write_text(script, text)
+    script.chmod(0o777 & ~atomic.umask())  # executable, and as private as the user's other files
     per_node = f"{opts.gpus_per_node} GPU(s)" if opts.gpus_per_node else "CPU"
     console.print(f"wrote {script}: {opts.nodes} node(s) x {per_node}, {total} process(es), "
                   f"run dir {cfg.run_dir()}", markup=False)

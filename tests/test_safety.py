@@ -191,8 +191,8 @@ def test_resume_skips_a_cut_line_and_a_damaged_checkpoint(tiny_config, tmp_path,
         f.write('{"step": 4, "lo')
     monkeypatch.setattr(step_driver, "token_loss_sum", real_loss)
     train(tiny_config("run", *common, "run.resume=auto"))
-    out = capsys.readouterr().out
-    assert "step-3 is damaged (model.safetensors does not match its checksum)" in out
+    out, err = capsys.readouterr()
+    assert "step-3 is damaged (model.safetensors does not match its checksum)" in err
     assert "resumed at step 2" in out
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]

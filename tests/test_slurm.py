@@ -139,7 +139,7 @@ out = os.path.join(os.environ["FAKE_DIR"], "train.json")
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
 with open(out + ".tmp", "w") as f:
-    json.dump({{"argv": sys.argv[1:], "pid": os.getpid()}}, f)
+    json.dump({{"argv": sys.argv[1:], "pid": os.getpid(), "cache": os.environ.get("LOSIA_CACHE")}}, f)
 os.replace(out + ".tmp", out)
 mode = os.environ["STUB_MODE"]
 if mode == "wait_signal":
@@ -151,29 +151,36 @@ sys.exit(int(mode))
 """
 
 
-@pytest.fixture
-def fake_job(tmp_path, monkeypatch):
-    """Render a 2-node x 4-GPU script whose python is a stub; return a function that runs it."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+def _stub_bin(bin_dir: Path) -> Path:
+    """srun and scontrol stand-ins in `bin_dir` (for PATH); returns the stub "python" beside them."""
+    bin_dir.mkdir(parents=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL),
                        ("stub-python", STUB_TRAIN.format(python=sys.executable))):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    return bin_dir / "stub-python"
+
+
+def _start_job(script: Path, bin_dir: Path, fake_dir: Path, mode: str, **env) -> subprocess.Popen:
+    """bash runs `script` as the batch shell of a 2-node job would, on node 1, against the stand-ins."""
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(fake_dir), "STUB_MODE": mode,
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+           **env}
+    return subprocess.Popen(["bash", str(script)], env=env, cwd=fake_dir,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def fake_job(tmp_path, monkeypatch):
+    """Render a 2-node x 4-GPU script whose python is a stub; return a function that runs it."""
+    python = _stub_bin(tmp_path / "bin")
     monkeypatch.chdir(tmp_path)
     opts = _options()
     words, cfg, total = prepare("smollm2_135m_math", ["train.max_steps=3"], opts)
     assert total == 8
     script = tmp_path / "job.sbatch"
-    script.write_text(render(words, cfg, opts, tmp_path, python=str(bin_dir / "stub-python")))
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_NODEID": "1"}
-
-    def start(mode: str) -> subprocess.Popen:
-        return subprocess.Popen(["bash", str(script)], env={**env, "STUB_MODE": mode},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    return start, cfg
+    script.write_text(render(words, cfg, opts, tmp_path, python=str(python)))
+    return (lambda mode: _start_job(script, python.parent, tmp_path, mode)), cfg
 
 
 def test_script_runs_training_with_node_settings(fake_job, tmp_path):
@@ -208,6 +215,99 @@ def test_usr1_is_forwarded_and_a_checkpointed_exit_requeues(fake_job, tmp_path):
     out = job.stdout.read()
     assert "got SIGUSR1, passing it to the training" in out and "stub got USR1" in out
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
+
+
+# --- hostile values: refused in one line, or quoted so that nothing they hold ever runs -------------------
+# Each would create the file SENTINEL (in the job's working directory) if the shell ran it.
+INJECTIONS = ["gpu\ntouch SENTINEL", "$(touch SENTINEL)", "`touch SENTINEL`", "$(>SENTINEL)", "gpu;touch SENTINEL",
+              "gpu'$(>SENTINEL)'", 'gpu"$(>SENTINEL)"', "gpu\\", "gpu\r#", "gpu\x1b[2J", " 10", "10\n"]
+
+
+def _preamble_is_directives_only(text: str) -> None:
+    """Above `set -euo pipefail` the script is comments, and each #SBATCH line holds one word."""
+    head = text.split("\nset -euo pipefail\n")[0].splitlines()
+    assert all(line.startswith("#") or not line for line in head), head
+    assert all(re.fullmatch(r"#SBATCH [^\s\"'\\]+", line) for line in head if line.startswith("#SBATCH")), head
+
+
+# A path may hold `$`, `;` or backquotes (a #SBATCH line is no shell), but not what ends or splits the line.
+HOSTILE_OPTIONS = [(option, value) for option in ("--partition", "--account", "--mem", "--time", "--job-name")
+                   for value in INJECTIONS] + [("--out-dir", value) for value in INJECTIONS if re.search(r"[\s'\"\\\x1b]", value)]
+
+
+@pytest.mark.parametrize("option, value", HOSTILE_OPTIONS)
+def test_a_hostile_option_value_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, option, value):
+    monkeypatch.chdir(tmp_path)
+    argv = ["slurm", "smollm2_135m_math", "run.name=h", "--nodes", "1", "--gpus-per-node", "1", "--time", "10:00"]
+    assert main([*argv, option, value]) == 2
+    err = capsys.readouterr().err
+    assert option in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("job.sbatch")) and not (tmp_path / "runs").exists()
+    assert not list(tmp_path.rglob("SENTINEL"))
+
+
+@pytest.mark.parametrize("where", ["run.output_dir", "run.output_dir, logs in --out-dir", "cwd"])
+def test_a_hostile_path_in_the_script_is_one_line(tmp_path, monkeypatch, capsys, where):
+    argv = ["slurm", "smollm2_135m_math", "run.name=h", "--nodes", "1", "--gpus-per-node", "1", "--time", "10:00"]
+    if where.endswith("--out-dir"):  # then the run dir is named only in the script's first comment line
+        argv += ["--out-dir", "jobs"]
+    if where == "cwd":
+        cwd = tmp_path / "a b\ntouch SENTINEL"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        expected = "the working directory (--chdir)"
+    else:
+        monkeypatch.chdir(tmp_path)
+        argv.insert(2, "run.output_dir='x\ntouch SENTINEL'")
+        expected = "run.output_dir"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.rglob("job.sbatch")) and not list(tmp_path.rglob("SENTINEL"))
+
+
+def test_hostile_values_that_pass_validation_are_quoted_and_never_run(tmp_path, monkeypatch):
+    """Overrides, the recipe file's path, the recipes dir, the interpreter and LOSIA_CACHE reach the
+    script as they are (Hydra-quoted values may hold anything): bash must pass them on, never run them."""
+    from losia_cli.resources import recipes_dir
+
+    sentinel = tmp_path / "SENTINEL"
+    hostile = "x\n$(>SENTINEL)`>SENTINEL`;>SENTINEL'\"\\"
+    monkeypatch.chdir(tmp_path)
+    python = _stub_bin(tmp_path / f"bin {hostile}")
+    recipes = tmp_path / f"recipes {hostile}"
+    shutil.copytree(recipes_dir(), recipes)
+    assert main(["recipes", "cp", "smollm2_135m_math", "my $(>SENTINEL) `>SENTINEL`.yaml"]) == 0
+    overrides = ["model.revision='$(>SENTINEL)'", "run.wandb_project='x\n>SENTINEL'", 'data.split="a\';>SENTINEL;\'"',
+                 "run.output_dir='$(>SENTINEL)'"]
+    monkeypatch.setenv("LOSIA_CACHE", str(tmp_path / f"cache {hostile}"))
+    opts = _options(out_dir=tmp_path / "jobs$(>SENTINEL);`>SENTINEL`")
+    words, cfg, _ = prepare("my $(>SENTINEL) `>SENTINEL`.yaml", overrides, opts, recipes)
+    assert cfg.model.revision == "$(>SENTINEL)" and cfg.run.wandb_project == "x\n>SENTINEL"
+    script = tmp_path / "job.sbatch"
+    text = render(words, cfg, opts, opts.out_dir, recipes, python=str(python))
+    script.write_text(text)
+    _preamble_is_directives_only(text)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    job = _start_job(script, python.parent, tmp_path, "0")
+    assert job.wait(timeout=60) == 0, job.stdout.read()
+    assert not sentinel.exists() and not list(tmp_path.rglob("SENTINEL"))
+    done = json.loads((tmp_path / "train.json").read_text())
+    assert done["argv"][:5] == ["-m", "losia_cli.cli", "train", "--recipes", str(recipes)]
+    assert done["argv"][5:5 + len(words)] == words  # every word arrives as it was validated
+    assert words[0] == str(tmp_path / "my $(>SENTINEL) `>SENTINEL`.yaml")
+    assert done["cache"] == str(tmp_path / f"cache {hostile}")
+
+
+def test_the_cli_script_for_every_option_passes_bash_n(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", "smollm2_135m_math", "run.name=all", "--nodes", "2", "--gpus-per-node", "4", "--time",
+                 "1-02:03:04", "--partition", "gpu,gpu-long", "--account", "proj.a-1", "--job-name", "j.b+c",
+                 "--cpus-per-task", "8", "--mem", "200G", "--exclusive", "--signal-seconds", "60",
+                 "--out-dir", "jobs/x=1"]) == 0
+    script = tmp_path / "jobs" / "x=1" / "job.sbatch"
+    _preamble_is_directives_only(script.read_text())
+    subprocess.run(["bash", "-n", str(script)], check=True)
 
 
 # --- a real Slurm on loopback ---------------------------------------------------------------------

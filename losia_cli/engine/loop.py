@@ -152,8 +152,8 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     model, driver = _optimizing(cfg, accelerator, model, method)
 
     # Everything is checked: only now is the run dir created, locked, and cleared or resumed.
-    def warn(line: str) -> None:
-        console.print(f"[yellow]warning:[/] {escape(line)}")
+    def warn(line: str) -> None:  # on stderr, as compose's notes: the progress lines keep stdout
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]warning:[/] {escape(line)}")
 
     lock, resume_from = rundir.claim(cfg, warn) if main else (None, None)
     try:

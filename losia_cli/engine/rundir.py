@@ -21,6 +21,7 @@ from pathlib import Path
 from losia_cli.atomic import RUN_FILES
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.engine import checkpoint
+from losia_cli.errors import RunFileError
 
 
 def timestamp() -> str:
@@ -94,7 +95,11 @@ def claim(cfg: RunConfig, warn) -> tuple[RunLock, Path | None]:
     try:
         check(cfg)  # again, now that no other writer can change the dir
         if cfg.run.resume == "auto":
-            return lock, checkpoint.newest_intact(cfg.run_dir(), warn)
+            found = checkpoint.newest_intact(cfg.run_dir(), warn)
+            if found is None and _contents(cfg.run_dir()):  # an empty or new dir is a first start
+                why = "no intact checkpoint" if checkpoint.checkpoints(cfg.run_dir()) else "no checkpoints/step-N"
+                warn(f"run.resume=auto: nothing to resume in {cfg.run_dir()} ({why}); starting over from step 1")
+            return lock, found
         if cfg.run.resume:
             return lock, Path(cfg.run.resume)
         clear(cfg.run_dir(), cfg.run.overwrite)
@@ -133,8 +138,7 @@ def continual_start(cfg: RunConfig, fresh: dict) -> dict:
     """The continual.json to continue from (run.resume=auto), or `fresh` in a clean parent dir."""
     root = cfg.run_dir()
     path = root / "continual.json"
-    if cfg.run.resume == "auto" and path.is_file():
-        doc = json.loads(path.read_text())
+    if cfg.run.resume == "auto" and (doc := read_json(path, optional=True)) is not None:
         if any(doc.get(key) != fresh[key] for key in ("method", "stages", "task_specs", "eval")):
             raise ConfigError(f"{path} is from a run with other stages, tasks, method or eval settings; "
                               "pass run.overwrite=true to start over")
@@ -142,3 +146,58 @@ def continual_start(cfg: RunConfig, fresh: dict) -> dict:
     if cfg.run.resume != "auto":
         clear(root, cfg.run.overwrite)
     return fresh
+
+
+# --- reading a run dir: every command that opens one (merge, eval, export, chat, report) reads through
+# these, so a file that a crash, a disk or a hand has damaged is one line naming it, never a traceback.
+def read_text(path: Path, optional: bool = False) -> str | None:
+    """The UTF-8 text of the run file `path`; None for a missing one when `optional`."""
+    path = Path(path)
+    if not path.exists():
+        if path.is_symlink():
+            raise RunFileError(f"{path}: a symbolic link to nothing")
+        if optional:
+            return None
+        raise RunFileError(f"{path}: missing")
+    if not path.is_file():  # a directory, a FIFO (reading it would hang), a device
+        raise RunFileError(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunFileError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RunFileError(f"{path}: not UTF-8 text (line {line})") from None
+
+
+def _read_mapping(path: Path, optional: bool, kind: str, parse, errors) -> dict | None:
+    text = read_text(path, optional)
+    if text is None:
+        return None
+    if not text.strip():
+        raise RunFileError(f"{path}: empty")
+    try:
+        doc = parse(text)
+    except RecursionError:
+        raise RunFileError(f"{path}: not valid {kind} (nested too deeply)") from None
+    except errors as e:
+        mark = getattr(e, "problem_mark", None)  # yaml's, 0-based; json's errors carry lineno
+        line = mark.line + 1 if mark else getattr(e, "lineno", None)
+        raise RunFileError(f"{path}: not valid {kind}" + (f" (line {line})" if line else "")) from None
+    if not isinstance(doc, dict):
+        raise RunFileError(f"{path}: not a {kind} mapping ({type(doc).__name__})")
+    return doc
+
+
+def read_yaml(path: Path, optional: bool = False) -> dict | None:
+    """The mapping in the YAML run file `path` (config.yaml); None for a missing one when `optional`."""
+    import yaml
+
+    return _read_mapping(path, optional, "YAML", yaml.safe_load, yaml.YAMLError)
+
+
+def read_json(path: Path, optional: bool = False) -> dict | None:
+    """The object in the JSON run file `path`; None for a missing one when `optional`."""
+    return _read_mapping(path, optional, "JSON", json.loads, json.JSONDecodeError)

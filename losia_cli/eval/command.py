@@ -44,7 +44,8 @@ def load_target(target: str):
     from losia_cli.models import best_device, load_model, load_run_model, load_tokenizer, resolve_model_path
 
     path = Path(target)
-    if (path / "config.yaml").is_file():  # a run dir (load_run_model names a missing final/)
+    marker = path / "config.yaml"
+    if marker.exists() or marker.is_symlink():  # a run dir (load_run_model names a damaged config.yaml or final/)
         model, tokenizer, _ = load_run_model(path)  # folds PEFT adapters; LoSiA/full load as is
         return model.to(best_device()), tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
     cfg = ModelConfig(name_or_path=target)

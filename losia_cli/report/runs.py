@@ -10,9 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from losia_cli.engine.records import step_timings
+from losia_cli.engine.rundir import read_json, read_yaml
 from losia_cli.errors import ReportError
 
 
@@ -56,32 +55,21 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     return records
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-
-
 def load_run(path: Path) -> Run:
     path = Path(path)
     if not (path / "metrics.jsonl").is_file() and not (path / "continual.json").is_file():
         raise ReportError(f"{path} is not a losia run dir (no metrics.jsonl)")
     notes: list[str] = []
-    config = {}
-    if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = read_yaml(path / "config.yaml", optional=True) or {}
     metrics = read_jsonl(path / "metrics.jsonl", notes)
     subnets = read_jsonl(path / "subnets.jsonl", notes)
-    report = _read_json(path / "report.json")
+    report = read_json(path / "report.json", optional=True)
     if not metrics and (path / "metrics.jsonl").is_file():
         notes.append("metrics.jsonl holds no complete record yet: no curves to draw")
     if report is None and metrics:
         notes.append("no report.json (the run crashed or is still running): summary computed from metrics.jsonl")
-    return Run(path, config, metrics, subnets, report, _read_json(path / "continual.json"),
-               _read_json(path / "eval" / "results.json"), notes)
+    return Run(path, config, metrics, subnets, report, read_json(path / "continual.json", optional=True),
+               read_json(path / "eval" / "results.json", optional=True), notes)
 
 
 def stage_runs(run: Run) -> list[Run]:
