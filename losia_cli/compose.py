@@ -84,35 +84,66 @@ def _groups(root: Path) -> set[str]:
 
 def _split(words: list[str], root: Path) -> tuple[list[str], list[str]]:
     """Words Hydra composes (group choices, hydra.*, +/~ edits) and plain `key=value` settings,
-    which compose() applies itself so that every schema key is settable, present in a YAML or not."""
+    which compose() applies itself so that every schema key is settable, present in a YAML or not.
+    Every word is parsed here, so that an error names it."""
     groups = _groups(root)
     hydra_words, settings = [], []
-    for word in words:
-        key = word.split("=", 1)[0]
+    for word, override in zip(words, _parse(words)):
+        key = override.key_or_group
         to_hydra = word.startswith(("+", "~")) or key in groups or key.startswith("hydra") or "=" not in word
+        if to_hydra:
+            _check_hydra_word(word, override, root)
         (hydra_words if to_hydra else settings).append(word)
     return hydra_words, settings
 
 
-def _apply_settings(cfg, settings: list[str]) -> None:
-    """`key=value` onto the composed config; a key neither composed nor in the schema is refused."""
+def _parse(words: list[str]) -> list:
+    """Hydra's parse of each word; one that does not parse is named in the error."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(settings)
-    except HydraException as e:
-        raise UsageError(hydra_message(e)) from None
+    parser, parsed = OverridesParser.create(), []
+    for word in words:
+        try:
+            parsed += parser.parse_overrides([word])
+        except HydraException as e:
+            raise UsageError(f"override {word!r}: cannot parse ({hydra_message(e)})") from None
+    return parsed
+
+
+# Set in recipes/config.yaml: losia makes its own run dirs (run.output_dir/run.name) and Hydra none.
+_MANAGED = ("hydra.run", "hydra.sweep", "hydra.output_subdir", "hydra.job.chdir")
+
+
+def _check_hydra_word(word: str, override, root: Path) -> None:
+    """Refuse what Hydra would take but losia cannot honour."""
+    key = override.key_or_group
+    if override.is_delete():  # the schema would silently fill in the deleted key's default
+        raise UsageError(f"override {word!r}: keys cannot be deleted; set {key}=VALUE instead")
+    if key.startswith(_MANAGED):
+        raise UsageError(f"override {word!r}: losia manages its run dirs; set run.output_dir or run.name instead")
+    if key in _groups(root) and not override.is_sweep_override() and not isinstance(override.value(), str):
+        options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+        raise UsageError(f"override {word!r}: {key} takes one option name; available: {', '.join(options)}")
+
+
+def _apply_settings(cfg, settings: list[str]) -> None:
+    """`key=value` onto the composed config; a key neither composed nor in the schema is refused."""
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
     missing = object()
-    for override in parsed:
+    for override in _parse(settings):
         key = override.key_or_group
         if override.is_sweep_override():
             raise UsageError(f"'{override.input_line}' is a sweep; run it with `losia train -m`")
         if OmegaConf.select(cfg, key, default=missing) is missing and not schema_has(key):
             raise UsageError(f"unknown key '{key}' (see `losia recipes cat` for the keys a recipe has)")
-        with open_dict(cfg):
-            OmegaConf.update(cfg, key, override.value(), merge=True)
+        try:
+            with open_dict(cfg):
+                OmegaConf.update(cfg, key, override.value(), merge=True)
+        except OmegaConfBaseException as e:  # e.g. a malformed ${...}
+            raise UsageError(f"override {override.input_line!r}: {_omegaconf_message(e)}") from None
 
 
 def sweep_words(words: list[str], root: Path | None = None) -> list[str]:
@@ -194,8 +225,7 @@ def _compose_tree(overrides: list[str], root: Path):
 
 def load_config(overrides: list[str], root: Path | None = None, quiet: bool = False):
     """Compose and validate; `quiet` leaves the validation notes unprinted (they were shown once)."""
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf import open_dict
     from rich.console import Console
     from rich.markup import escape
 
@@ -206,14 +236,27 @@ def load_config(overrides: list[str], root: Path | None = None, quiet: bool = Fa
         cfg.pop("hydra", None)
         cfg.recipe = cfg.get("recipe") or recipe
     notes: list[str] = []
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:  # a bad ${...} interpolation in a recipe
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
-    validated = validate(raw, notes)
+    validated = validate(resolved(cfg), notes)
     for note in [] if quiet else notes:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]note:[/] {escape(note)}")
     return validated
+
+
+def resolved(cfg) -> dict:
+    """The composed config as plain dicts with every ${...} resolved; a bad interpolation (in a recipe
+    or an override) is one line naming its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+
+
+def _omegaconf_message(e: Exception) -> str:
+    text = re.sub(r"^\w+ raised while resolving interpolation: \"?(.*?)\"?$", r"\1", str(e).strip().splitlines()[0])
+    return f"{e.full_key}: {text}" if getattr(e, "full_key", None) else text
 
 
 def parse_options(words: list[str], model):

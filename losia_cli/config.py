@@ -9,27 +9,28 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
-from pydantic import (
-    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator,
-)
+from omegaconf import DictConfig
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
+from losia_cli.compose import resolved
 from losia_cli.data.config import DataConfig
 from losia_cli.errors import ConfigError
 from losia_cli.eval.config import EvalConfig
 from losia_cli.methods import config_classes, method_class, method_names
+from losia_cli.schema import RULES, Seed, Section, refuse_bool
 
-# The `method:` section: one registered method's config (plain dataclasses, see methods/base.py), picked by name.
+# Method configs are plain dataclasses (pydantic-free for `losia bench`, see methods/base.py); as
+# sections of the run schema they follow its rules too.
+for _cls in config_classes():
+    _cls.__pydantic_config__ = {**_cls.__pydantic_config__, **RULES}
+
+# The `method:` section: one registered method's config, picked by name.
 MethodConfig = Annotated[Union[config_classes()], Field(discriminator="name")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Section):
     """The base model and how its weights are held (recipes/model/*.yaml)."""
 
     name_or_path: str
@@ -43,8 +44,20 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     """Run the model repository's own Python code (needed by some hub models)."""
 
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, name: str | None) -> str | None:
+        """Refused here, not by transformers once the model has begun to load."""
+        from transformers.integrations.hub_kernels import is_kernel
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-class TrainConfig(_Strict):
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]  # the check transformers makes itself
+        if name is not None and name not in known and not is_kernel(name):
+            raise ValueError(f"transformers knows {', '.join(known)} or a hub kernel (org/repo[@rev][:name])")
+        return name
+
+
+class TrainConfig(Section):
     """How long and how to optimize (recipes/train/*.yaml)."""
 
     max_steps: int | None = Field(None, gt=0)
@@ -59,15 +72,15 @@ class TrainConfig(_Strict):
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     """Linear warmup as a fraction of the optimizer steps."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine floor as a fraction of lr."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm; null disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 = autocast; weights keep model.dtype."""
@@ -86,7 +99,7 @@ class TrainConfig(_Strict):
     checkpoint interval."""
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop after this many validations without a new best validation loss; null: never stop early."""
-    num_threads: int | None = None
+    num_threads: int | None = Field(None, gt=0)
     """CPU intra-op threads; null = torch default."""
 
     @model_validator(mode="after")
@@ -99,7 +112,7 @@ class TrainConfig(_Strict):
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 
 
-class RunSection(_Strict):
+class RunSection(Section):
     """Where the run directory goes, resuming, and where metrics are logged."""
 
     name: str | None = None
@@ -139,13 +152,13 @@ def _overrides_of(model: type[BaseModel]) -> type[BaseModel]:
     """`model` with every field optional: a stage names only the keys it changes, each one still
     checked for name and type here (the merged section is validated in full by losia_cli/continual)."""
     fields = {name: (field.annotation | None, None) for name, field in model.model_fields.items()}
-    return create_model(f"{model.__name__}Overrides", __base__=_Strict, **fields)
+    return create_model(f"{model.__name__}Overrides", __base__=Section, **fields)
 
 
 DataOverrides, TrainOverrides = _overrides_of(DataConfig), _overrides_of(TrainConfig)
 
 
-class StageConfig(_Strict):
+class StageConfig(Section):
     """One stage of a continual run (recipe key `stages:`; see losia_cli/continual.py)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # part of the stage's run dir name
@@ -154,7 +167,7 @@ class StageConfig(_Strict):
     eval_tasks: list[str] = Field(min_length=1)  # TASK or TASK@SOURCE, as `losia eval tasks=[...]`
 
 
-class DistConfig(_Strict):
+class DistConfig(Section):
     """How many processes train and how they share the work (recipes/dist/*.yaml).
 
     `losia train` relaunches itself through `accelerate launch` when this asks for more than one
@@ -201,10 +214,10 @@ class DistConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(Section):
     recipe: str | None = None
     """The recipe this config starts from (recipes/recipe/<name>.yaml)."""
-    seed: int = 42
+    seed: Seed = 42
     """Seed of model init, data order and sampling."""
     model: ModelConfig
     data: DataConfig
@@ -216,6 +229,19 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     stages: list[StageConfig] | None = None
     """Continual learning: train these in sequence."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_no_bool_for_number(cls, method):
+        """The sections' check (schema.Section), for the method's dataclass."""
+        if isinstance(method, dict) and method.get("name") in method_names():
+            hints = get_type_hints(method_class(method["name"]).config_class)
+            for key in hints.keys() & method.keys():
+                try:
+                    refuse_bool(method[key], hints[key])
+                except ValueError as e:
+                    raise ValueError(f"method.{key}: {e} (got {method[key]!r})") from None
+        return method
 
     @model_validator(mode="after")
     def _dist_supports_method(self):
@@ -276,7 +302,7 @@ def _drop_other_methods_keys(method: dict, notes: list[str]) -> dict:
 
 
 def validate(cfg: DictConfig | dict, notes: list[str] | None = None) -> RunConfig:
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    raw = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
     if isinstance(raw.get("method"), dict):
         raw["method"] = _drop_other_methods_keys(raw["method"], notes if notes is not None else [])

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from losia_cli.cli import main
-from losia_cli.compose import load_config, recipe_names
+from losia_cli.compose import load_config, recipe_names, sweep_words
 
 PAPER_RECIPES = {"gemma2b_math", "llama2_7b_math", "llama2_7b_code", "llama2_7b_commonsense"}
 OFFLINE_RECIPES = {"smollm2_135m_math", "gemma3_270m_math"}
@@ -90,6 +90,50 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
     assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
     assert len(err.strip().splitlines()) <= 2
     assert not any(tmp_path.iterdir())  # nothing that looks like a run
+
+
+@pytest.mark.parametrize("word, message", [
+    # Hydra's own errors, each naming the word it could not take
+    ("train=1", "override 'train=1': train takes one option name; available: cpu_demo"),
+    ("train.lr=[", "override 'train.lr=[': cannot parse"),
+    ("+foo=[", "override '+foo=[': cannot parse"),
+    ("~train.lr", "override '~train.lr': keys cannot be deleted"),
+    ("hydra.run.dir=/", "override 'hydra.run.dir=/': losia manages its run dirs"),
+    ("hydra.sweep.dir=/etc", "override 'hydra.sweep.dir=/etc': losia manages its run dirs"),
+    ("train.lr=${nonexistent_key}", "train.lr: Interpolation key 'nonexistent_key' not found"),
+    ("train.lr=${oc.env:LOSIA_TEST_UNSET_VARIABLE}", "train.lr: Environment variable 'LOSIA_TEST_UNSET_VARIABLE' not found"),
+    # the schema's ranges: finite floats, strict numbers, non-empty strings
+    ("data.source=", "data.source: String should have at least 1 character"),
+    ("train.max_grad_norm=-0.5", "train.max_grad_norm: Input should be greater than 0"),
+    ("train.max_grad_norm=nan", "train.max_grad_norm: Input should be a finite number"),
+    ("train.eps=-1", "train.eps: Input should be greater than 0"),
+    ("train.eps=1e-400", "train.eps: Input should be greater than 0 (got 0.0)"),
+    ("train.betas=[0.9,1.5]", "train.betas.1: Input should be less than 1"),
+    ("train.lr=inf", "train.lr: Input should be a finite number"),
+    ("eval.temperature=-3", "eval.temperature: Input should be greater than 0"),
+    ("eval.temperature=nan", "eval.temperature: Input should be a finite number"),
+    ("eval.top_p=nan", "eval.top_p: Input should be a finite number"),
+    ("seed=true", "seed: takes no true/false"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("dist.num_processes=true", "dist.num_processes: takes no true/false"),
+    ("method.rank_factor=true", "method.rank_factor: takes no true/false"),
+    ("method.rank_factor=nan", "method.rank_factor: Input should be a finite number"),
+    ("model.attn_implementation=bogus", "model.attn_implementation: transformers knows eager, "),
+])
+def test_bad_override_is_one_line_naming_it(capsys, monkeypatch, word, message):
+    monkeypatch.delenv("LOSIA_TEST_UNSET_VARIABLE", raising=False)
+    code, out, err = run(capsys, "recipes", "validate", "smollm2_135m_math", word)
+    assert code == 2 and "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+
+
+def test_schema_keeps_the_values_it_should_take():
+    """The checks above refuse only what is wrong: hub kernels, eager, group sweeps still pass."""
+    cfg = load_config(["model.attn_implementation=kernels-community/flash-attn", "seed=0", "train.eps=1e-12"])
+    assert cfg.model.attn_implementation == "kernels-community/flash-attn"
+    assert load_config(["model.attn_implementation=eager"]).model.attn_implementation == "eager"
+    assert sweep_words(["method=lora,full", "train.lr=1e-4,1e-3"])[0] == "method=lora,full"
 
 
 def test_empty_dataset_fails_before_a_run_dir_looks_finished(capsys, tiny_llama_dir, tmp_path):

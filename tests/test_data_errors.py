@@ -186,3 +186,92 @@ def test_a_mixture_source_left_without_samples_is_named(tok, tmp_path):
     fails(tok, tmp_path, "bundled:gsm8k_sample: every sample is longer than max_length=24",
           sources=[{"source": "bundled:prompt_completion_sample", "task": "prompt_completion"},
                    {"source": "bundled:gsm8k_sample"}], max_length=24, overlong="drop")
+
+
+@pytest.mark.parametrize("task, good, column", [
+    ("gsm8k", GOOD, "answer"),
+    ("alpaca", {"instruction": "i", "input": "", "output": "o"}, "output"),
+    ("prompt_completion", {"prompt": "p ", "completion": "c"}, "completion"),
+    ("text", {"text": "a document"}, "text"),
+])
+def test_null_or_missing_column_is_named_by_file_and_line(tok, tmp_path, task, good, column):
+    """A null, or a column a later row lacks (read as null), would render as the text `None`."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text(jsonl(good, {**good, column: None}))
+    assert fails(tok, tmp_path, "is missing", task=task, source=str(data)) == \
+        f"{data}:2: column {column!r} is missing or null"
+    data.write_text(jsonl(good, good, {k: v for k, v in good.items() if k != column}))
+    fails(tok, tmp_path, rf"{data}:3: column {column!r} is missing or null", task=task, source=str(data))
+    data.write_text(jsonl({**good, column: 5}))  # a number in every row (else datasets refuses the mix)
+    fails(tok, tmp_path, rf"{data}:1: column {column!r} is not text: int '5'", task=task, source=str(data))
+
+
+def test_alpaca_input_may_still_be_null_or_absent(tok, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(jsonl({"instruction": "i", "output": "o"}, {"instruction": "i", "input": None, "output": "o"}))
+    assert build_dataset(DataConfig(task="alpaca", source=str(data)), tok, cache_dir=None).stats["n_rows"] == 2
+
+
+def test_parquet_null_and_int_columns_are_named_by_row(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"question": ["q", "q"], "answer": ["a", None]}), data)
+    fails(tok, tmp_path, rf"{data} row 2: column 'answer' is missing or null", source=str(data))
+    pq.write_table(pa.table({"question": ["q", "q"], "answer": [1, 2]}), data)
+    fails(tok, tmp_path, rf"{data} row 1: column 'answer' is not text", source=str(data))
+
+
+def test_a_template_printing_a_non_string_is_refused(tok, tmp_path):
+    template = tmp_path / "t.yaml"
+    template.write_text(yaml_template := 'family: x\nkind: generate\ndescription: d\nprompt: "{{ question }}"\n'
+                        'response: " {{ answer | length }}"\nreference: "answer"\n')
+    assert "length" in yaml_template
+    data = tmp_path / "rows.jsonl"
+    data.write_text(jsonl(GOOD))
+    fails(tok, tmp_path, rf"{data}:1: .*the template prints a int", source=str(data), template=str(template))
+
+
+def test_deeply_nested_json_is_one_line(tok, tmp_path):
+    data = tmp_path / "deep.jsonl"
+    data.write_text(jsonl(GOOD, "[" * 100_000))
+    fails(tok, tmp_path, rf"{data}:2: JSON nested too deeply", source=str(data))
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100_000)
+    fails(tok, tmp_path, rf"{array}: JSON nested too deeply", source=str(array))
+    data.write_text(jsonl({**GOOD, "x": json.loads("[" * 900 + "]" * 900)}))  # parses, too deep for datasets
+    fails(tok, tmp_path, rf"{data}: cannot read .jsonl file: maximum recursion depth", source=str(data))
+
+
+def test_special_files_are_refused_naming_the_key(tok, tmp_path):
+    """Reading a FIFO or /dev/zero would never end."""
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    fails(tok, tmp_path, rf"{fifo}: not a regular file or folder \(data.source\)", source=str(fifo))
+    fails(tok, tmp_path, r"/dev/zero: not a regular file or folder \(data.source\)", source="/dev/zero")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "data-00000-of-00001.arrow")
+    fails(tok, tmp_path, rf"{folder}/data-00000-of-00001.arrow: not a regular file", source=str(folder))
+    fails(tok, tmp_path, rf"{fifo}: not a regular file \(data.template\)", source="bundled:gsm8k_sample",
+          template=str(fifo))
+    with pytest.raises(DataError, match=r"^/dev/zero: not a regular file or folder \(data.val_source\)$"):
+        build_dataset(DataConfig(task="gsm8k", source="bundled:gsm8k_sample", val_source="/dev/zero"), tok,
+                      cache_dir=None, split="val")
+
+
+def test_val_and_mixture_sources_are_named_by_their_own_key(tok, tmp_path):
+    with pytest.raises(DataError, match=r"^a b c: no such file or directory \(data.val_source\)$"):
+        build_dataset(DataConfig(task="gsm8k", source="bundled:gsm8k_sample", val_source="a b c"), tok,
+                      cache_dir=None, split="val")
+    fails(tok, tmp_path, r"/no/such.jsonl: no such file or directory \(data.sources.1.source\)",
+          sources=[{"source": "bundled:gsm8k_sample"}, {"source": "/no/such.jsonl"}])
+
+
+def test_names_too_long_for_a_path_name_the_key(tok, tmp_path):
+    fails(tok, tmp_path, r"^data.source: File name too long$", source="x" * 20_000)
+    fails(tok, tmp_path, r"^data.chat_template: File name too long", source="bundled:gsm8k_sample",
+          chat_template="x" * 20_000)

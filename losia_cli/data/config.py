@@ -7,8 +7,10 @@ from typing import Literal
 
 import pydantic
 
+from losia_cli.schema import Seed, Section
 
-class MixtureSource(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=True):
+
+class MixtureSource(Section):
     """One entry of `data.sources`; a key left unset takes its value from the `data:` section."""
 
     source: str
@@ -26,7 +28,7 @@ class MixtureSource(pydantic.BaseModel, extra="forbid", use_attribute_docstrings
     encoding: str | None = None
 
 
-class DataConfig(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=True):
+class DataConfig(Section):
     """What to train on and how to turn it into token sequences.
 
     Every field that changes the tokenized result is part of the cache key (see `cache.py`);
@@ -103,12 +105,23 @@ class DataConfig(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=Tr
     """Use only this many rows (per source), drawn after a `shuffle_seed` shuffle (the reference:
     first 50k Alpaca rows after a seed-42 shuffle). None: every row, in source order."""
 
-    shuffle_seed: int = 42
+    shuffle_seed: Seed = 42
     """Seed of the shuffles that pick the `max_samples` subset, the `val_split` rows and the
     mixture."""
 
     num_workers: int = pydantic.Field(1, ge=1)
     """Processes used to render and tokenize."""
+
+    _source_key: str = pydantic.PrivateAttr("data.source")
+
+    @property
+    def source_key(self) -> str:
+        """The key that named `source`, for messages: data.source, data.val_source or data.sources.N.source."""
+        return self._source_key
+
+    def named(self, source_key: str) -> DataConfig:
+        self._source_key = source_key
+        return self
 
     @pydantic.field_validator("encoding")
     @classmethod
@@ -134,7 +147,8 @@ class DataConfig(pydantic.BaseModel, extra="forbid", use_attribute_docstrings=Tr
         if self.sources is None:
             return [(self, 1.0)]
         out = []
-        for entry in self.sources:
+        for i, entry in enumerate(self.sources):
             update = {k: v for k, v in entry.model_dump(exclude={"weight"}).items() if v is not None}
-            out.append((DataConfig.model_validate({**self.model_dump(), **update, "sources": None}), entry.weight))
+            part = DataConfig.model_validate({**self.model_dump(), **update, "sources": None})
+            out.append((part.named(f"data.sources.{i}.source"), entry.weight))
         return out

@@ -66,7 +66,8 @@ def split_parts(cfg: DataConfig, split: Split) -> list[tuple[DataConfig, float]]
     """(single-source config, weight) of what `split` reads: the train sources, or for val each
     source's val_split rows, or the val_source."""
     if split == "val" and cfg.val_source is not None:
-        return [(cfg.model_copy(update={"source": cfg.val_source, "sources": None, "val_source": None}), 1.0)]
+        val = cfg.model_copy(update={"source": cfg.val_source, "sources": None, "val_source": None})
+        return [(val.named("data.val_source"), 1.0)]
     return cfg.components()
 
 

@@ -62,8 +62,8 @@ class Source:
             self.path = self._bundled(spec[len(BUNDLED) :])
         else:
             self.path = Path(spec).expanduser()
-        if self.path is not None and not self.path.exists():
-            raise DataError(f"{self.path}: no such file or directory (data.source)")
+        if self.path is not None:
+            check_readable(self.path, cfg.source_key)
         self.label = spec if self.hub_id else str(self.path)
         self._lines: list[int] | None = None  # line of each row, for JSON Lines files
 
@@ -119,6 +119,23 @@ class Source:
         return ds
 
 
+def check_readable(path: Path, key: str, folders: bool = True) -> None:
+    """`path` (named by `key`) is a regular file, or a folder of them: a FIFO or a device (/dev/zero)
+    would hang the read, or never end it."""
+    try:
+        if folders and path.is_dir():
+            special = next((p for p in path.rglob("*") if not (p.is_file() or p.is_dir())), None)
+        else:
+            special = None if path.is_file() else path
+        missing = special is path and not path.exists()
+    except OSError as e:  # a name too long, a folder that cannot be listed
+        raise DataError(f"{key}: {e.strerror}") from None
+    if missing:
+        raise DataError(f"{path}: no such file or directory ({key})")
+    if special is not None:
+        raise DataError(f"{special}: not a regular file{' or folder' if folders else ''} ({key})")
+
+
 def _one_line(e: BaseException) -> str:
     """The message on one line, control characters (a UTF-16 file's NULs) escaped."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -163,7 +180,7 @@ def _read_file(path: Path, encoding: str) -> tuple[datasets.Dataset, list[int] |
             ds = datasets.Dataset(InMemoryTable(pyarrow.csv.read_csv(io.BytesIO(text))))
     except DataError:
         raise
-    except (pa.ArrowException, OSError, ValueError) as e:
+    except (pa.ArrowException, OSError, ValueError, RecursionError) as e:  # recursion: deeply nested values
         raise DataError(f"{path}: cannot read {suffix} file: {_one_line(e)}") from None
     binary = [k for k, v in ds.features.items() if getattr(v, "dtype", None) in ("binary", "large_binary")]
     if binary:  # never train on b'...' reprs of undecoded text
@@ -191,6 +208,9 @@ def _read_text(path: Path, encoding: str) -> str:
                         "set data.encoding to the file's encoding (e.g. latin-1 or cp1252)") from None
 
 
+_TOO_DEEP = "JSON nested too deeply to read"
+
+
 def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
     """A JSON array of objects, or JSON Lines (also for .json files, as many datasets ship them)."""
     if text.lstrip().startswith("["):
@@ -198,6 +218,8 @@ def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: {_TOO_DEEP}") from None
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"{path}: item {i} of the JSON array is a {type(row).__name__}, not an object")
@@ -210,6 +232,8 @@ def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: {_TOO_DEEP}") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got a {type(row).__name__}")
         rows.append(row)

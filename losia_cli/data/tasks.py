@@ -31,6 +31,7 @@ import pydantic
 import yaml
 
 from losia_cli.data.errors import DataError
+from losia_cli.data.sources import check_readable
 from losia_cli.eval.extract import last_boxed
 from losia_cli.resources import templates_dir
 
@@ -80,10 +81,18 @@ def _regex_replace(text: str, pattern: str, replacement: str) -> str:
     return re.sub(pattern, replacement, text)
 
 
+def _text_only(value):
+    """What a template prints must be text: never `None` or a number's or a list's repr trained on."""
+    if not isinstance(value, str):
+        raise ValueError(f"the template prints a {type(value).__name__} ({str(value)[:40]!r}), not text "
+                         "(`| string` converts it on purpose)")
+    return value
+
+
 # Sandboxed: templates may come from users' recipes. StrictUndefined: a missing field is an error,
 # never an empty string silently trained on.
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_text_only
 )
 _ENV.filters.update(regex_replace=_regex_replace, last_boxed=lambda text: last_boxed(text) or "")
 
@@ -101,14 +110,18 @@ class Task:
         self._templates: dict[str, jinja2.Template] = {}
         self._expressions: dict[str, Any] = {}
         used: set[str] = set()
+        printed: set[str] = set()
         try:
             for key in _TEMPLATE_KEYS + _EXPRESSION_KEYS:
                 source = getattr(spec, key)
                 if source is None:
                     continue
                 body = source if key in _TEMPLATE_KEYS else "{{ " + source + " }}"
-                used |= jinja2.meta.find_undeclared_variables(_ENV.parse(body))
+                ast = _ENV.parse(body)
+                used |= jinja2.meta.find_undeclared_variables(ast)
                 if key in _TEMPLATE_KEYS:
+                    printed |= {node.name for output in ast.find_all(jinja2.nodes.Output)
+                                for node in output.nodes if isinstance(node, jinja2.nodes.Name)}
                     self._templates[key] = _ENV.from_string(source)
                 else:
                     self._expressions[key] = _ENV.compile_expression(source, undefined_to_none=False)
@@ -120,6 +133,8 @@ class Task:
             used -= _BOUND
         self.fields: frozenset[str] = frozenset(used - spec.defaults.keys())
         """Columns a row must have: every field the template refers to that has no default."""
+        self.text_fields: frozenset[str] = frozenset(printed & used - _BOUND)
+        """Columns printed as they are (`{{ question }}`): they must hold text."""
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, kind={self.kind}, template={self.path})"
@@ -137,6 +152,13 @@ class Task:
 
     def _guard(self, fn, row: dict, *args):
         row = {**row, **{k: v for k, v in self.spec.defaults.items() if row.get(k) is None}}
+        # A column absent from some rows reads as None in a dataset: both would render as "None".
+        missing = next((name for name in sorted(self.fields) if row.get(name) is None), None)
+        if missing:
+            raise DataError(f"column {missing!r} is missing or null")
+        wrong = next((name for name in sorted(self.text_fields) if not isinstance(row.get(name, ""), str)), None)
+        if wrong:
+            raise DataError(f"column {wrong!r} is not text: {type(row[wrong]).__name__} {str(row[wrong])[:40]!r}")
         try:
             return fn(row, *args)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
@@ -274,6 +296,7 @@ def _read_spec(path: Path) -> tuple[TemplateSpec, str]:
 def load_task(path: str | Path, name: str | None = None) -> Task:
     """A task from a template file (bundled or the user's own)."""
     path = Path(path).expanduser()
+    check_readable(path, "data.template", folders=False)
     spec, text = _read_spec(path)
     return Task(name or (spec.names or [path.stem])[0], spec, path, text)
 
@@ -307,11 +330,16 @@ def load_chat_template(spec: str | None) -> str | None:
     """Jinja text of `data.chat_template`: a bundled name (chatml, llama-2, gemma) or a file."""
     if spec is None:
         return None
-    bundled = chat_templates_dir() / f"{spec}.jinja"
-    path = bundled if bundled.is_file() else Path(spec).expanduser()
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in chat_templates_dir().glob("*.jinja")))
-        raise DataError(f"data.chat_template {spec!r} is neither a bundled template ({names}) nor a file")
+    bundled = {p.stem: p for p in chat_templates_dir().glob("*.jinja")}
+    path = bundled.get(spec) or Path(spec).expanduser()
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long for a path: inline Jinja text, perhaps
+        raise DataError(f"data.chat_template: {e.strerror}; give a bundled name or a file") from None
+    if not exists:
+        raise DataError(f"data.chat_template {spec!r} is neither a bundled template ({', '.join(sorted(bundled))}) "
+                        "nor a file")
+    check_readable(path, "data.chat_template", folders=False)
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

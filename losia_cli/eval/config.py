@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from losia_cli.errors import UsageError
+from losia_cli.schema import Seed, Section
 
 # Default evaluation split of each task whose standard benchmark is public on the hub.
 # Anything else: give the source explicitly as TASK@SOURCE (e.g. boolq@bundled:boolq_sample).
@@ -20,10 +21,9 @@ DEFAULT_SOURCES = {
 }
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Section):
     """Options of `losia eval` (also the `eval:` section of a training recipe)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     tasks: list[str] = []
     """TASK or TASK@SOURCE (a data source as in `data.source`)."""
     limit: int | None = Field(None, gt=0)
@@ -34,9 +34,9 @@ class EvalConfig(BaseModel):
     """Generation length limit per answer."""
     num_samples: int = Field(1, gt=0)
     """> 1: sample (temperature/top_p) and report pass@k."""
-    temperature: float = 0.8
+    temperature: float = Field(0.8, gt=0)
     """Sampling temperature when num_samples > 1."""
-    top_p: float = 0.95
+    top_p: float = Field(0.95, gt=0, le=1)
     """Nucleus sampling mass when num_samples > 1."""
     allow_code_exec: bool | Literal["unsafe"] = False
     """Code tasks run model-written programs: true runs them sandboxed (refused where the sandbox is
@@ -49,7 +49,7 @@ class EvalConfig(BaseModel):
     """General-text loss of the model (and of the baseline) -> delta."""
     after_train: bool = False
     """Run these tasks at the end of `losia train`."""
-    seed: int = 0
+    seed: Seed = 0
     """Sampling seed."""
     backend: Literal["native", "lm_eval"] = "native"
     """lm_eval: tasks are lm-evaluation-harness task names."""
