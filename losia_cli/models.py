@@ -143,6 +143,10 @@ def load_model(cfg: ModelConfig, path: str):
         )
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg.name_or_path}': {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        if cfg.attn_implementation and cfg.attn_implementation in str(e):  # the model refuses the kernel
+            raise ModelError(f"model.attn_implementation={cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
+        raise
     return model
 
 
