@@ -26,6 +26,9 @@ class PeftMethodConfig:
     """As peft: module names, a regex, or "all-linear". null: every linear map inside the decoder blocks
     (not MoE routers or the output head), and LoRA also adapts the 3-D expert parameters of a
     mixture-of-experts block (peft's `target_parameters`)."""
+    target_parameters: list[str] | None = None
+    """3-D parameters LoRA adapts, as peft (names or dotted suffixes, e.g. experts.gate_up_proj). null: every
+    mixture-of-experts expert parameter when target_modules is null, none when it names modules."""
     pissa_niter: int | None = 16
     """Fast SVD iterations for PiSSA init; null = exact SVD."""
     adapter_dtype: Literal["fp32", "base"] = "fp32"
@@ -60,17 +63,22 @@ class PeftMethod(Method):
         """(peft's target_modules, target_parameters). The default names the linear maps of the decoder
         blocks by their short names when those pick exactly the same modules (a readable adapter
         config), else by their full names."""
+        why = self.experts_why()
+        if self.cfg.target_parameters and why:
+            raise ConfigError(f"method.target_parameters: {why}")
         if self.cfg.target_modules is not None:
-            return self.cfg.target_modules, None
-        linears = default_linears(model)
-        if not linears:
-            raise ConfigError("no linear map found in the model's decoder blocks: name the targets in "
-                              "method.target_modules")
-        short = sorted({name.rsplit(".", 1)[-1] for name in linears})
-        if {name for name, _ in model.named_modules() if matches(name, short)} == set(linears):
-            linears = short
-        experts = expert_params(model) if self.experts_why() is None else []
-        return linears, experts or None
+            modules, experts = self.cfg.target_modules, []
+        else:
+            modules = default_linears(model)
+            if not modules:
+                raise ConfigError("no linear map found in the model's decoder blocks: name the targets in "
+                                  "method.target_modules")
+            short = sorted({name.rsplit(".", 1)[-1] for name in modules})
+            if {name for name, _ in model.named_modules() if matches(name, short)} == set(modules):
+                modules = short
+            experts = [] if why else expert_params(model)
+        params = self.cfg.target_parameters if self.cfg.target_parameters is not None else experts
+        return modules, params or None
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig
