@@ -111,8 +111,11 @@ def run_method(family: str, model_dir: Path, method: str, work: Path) -> Row:
     if method == "galore":
         common.append("method.rank=4")
     first = work / f"{family}-{method}"
-    row.cells["train"], _ = losia("train", *common, f"run.name={first.name}")
+    row.cells["train"], text = losia("train", *common, f"run.name={first.name}")
     if row.cells["train"] != "ok":
+        return row
+    if "targets: trains " not in text:
+        row.cells["train"] = "the start line does not say what trains"
         return row
     row.targets = trained_kinds(json.loads((first / "report.json").read_text())["targets"])
     resumed = work / f"{first.name}-resumed"
