@@ -159,3 +159,23 @@ def test_a_model_that_refuses_the_attention_kernel_is_one_line(family, kernel, t
     with pytest.raises(ModelError, match=rf"^model.attn_implementation={kernel}: \w+ does not support "
                                          r"an attention implementation through [^\n]*\(null lets the model choose\)$"):
         load_model(ModelConfig(name_or_path=str(tmp_path), attn_implementation=kernel), str(tmp_path))
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    (dict(target_modules=["experts"]), r"method.target_modules names model.layers.0.mlp.experts.gate_up_proj: "
+                                       r"MoE expert weights \(3-D\) are not modules"),
+    (dict(target_parameters=["nope"]), r"method.target_parameters=\['nope'\] matched no parameter"),
+    (dict(name="dora", target_parameters=["experts.down_proj"]), r"method.target_parameters: .* not dora"),
+])
+def test_peft_refuses_expert_targets_it_cannot_honour_in_one_line(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        PeftMethod(PeftMethodConfig(**{"name": "lora", "rank": 2, **cfg})).prepare(tiny("mixtral"), ctx())
+
+
+def test_a_named_router_is_accounted_as_trained():
+    """peft adapts a transformers-5 router (not an nn.Linear) through its 2-D weight: the account names
+    the router, not a stray `weight`."""
+    method = PeftMethod(PeftMethodConfig(name="lora", rank=2, target_modules=["gate"]))
+    method.prepare(tiny("mixtral"), ctx())
+    account = method.describe()["targets"]
+    assert account["kinds"] == {"gate": 2} and "gate" not in [item["kind"] for item in account["left_out"]]

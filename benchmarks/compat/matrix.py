@@ -5,6 +5,8 @@ commands a user runs: train (2 steps) -> resume (from step 1, same final weights
     python benchmarks/compat/matrix.py                             # every family, every method
     python benchmarks/compat/matrix.py phi3 mixtral --methods losia_pro,lora
     python benchmarks/compat/matrix.py --out benchmarks/results/compat_matrix.md
+    python benchmarks/compat/matrix.py gpt2 phi3 --cache /tmp/rows      # the same in pieces: families
+    python benchmarks/compat/matrix.py --cache /tmp/rows --out ...      # already in --cache are reused
 
 Each cell is `ok`, or the one line the command printed when it refused (exit 2), or `TRACEBACK`
 with the exception (a bug). Families are transformers config names (`model_type`): any decoder-only
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import dataclasses
 import json
 import sys
 import tempfile
@@ -195,18 +198,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("families", nargs="*", default=list(FAMILIES), help="transformers model types")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, help="write the Markdown table here (default: print it)")
+    parser.add_argument("--cache", type=Path, help="keep each family's rows here and reuse them (a long run in pieces)")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="losia-compat-") as tmp:
         source = tokenizer_source()
         for family in args.families:
+            kept = args.cache / f"{family}-{'-'.join(methods)}.json" if args.cache else None
+            if kept and kept.is_file():
+                rows += [Row(**row) for row in json.loads(kept.read_text())]
+                continue
             family_rows = run_family(family, methods, Path(tmp), source)
+            if kept:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(json.dumps([dataclasses.asdict(row) for row in family_rows]))
             rows += family_rows
             for row in family_rows:
                 print(f"{row.family:12} {row.method:10} " + " ".join(f"{s}={row.cells.get(s, '-')}" for s in STAGES),
                       file=sys.stderr)
-    command = "python benchmarks/compat/matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    words = argv if argv is not None else sys.argv[1:]
+    if args.cache:  # where the pieces were kept is no part of what made the table
+        at = words.index("--cache")
+        words = words[:at] + words[at + 2:]
+    command = "python benchmarks/compat/matrix.py " + " ".join(words)
     table = markdown(rows, command.strip())
     if args.out:
         args.out.write_text(table)

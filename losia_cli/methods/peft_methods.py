@@ -10,7 +10,9 @@ from torch import nn
 
 from losia_cli.errors import ConfigError
 from losia_cli.methods.base import Method, TrainContext, method_config
-from losia_cli.methods.targets import account, candidates, default_linears, expert_params, matches
+from losia_cli.methods.targets import (
+    account, candidates, default_linears, expert_params, matches, named_experts,
+)
 
 
 @method_config
@@ -66,6 +68,9 @@ class PeftMethod(Method):
         why = self.experts_why()
         if self.cfg.target_parameters and why:
             raise ConfigError(f"method.target_parameters: {why}")
+        if named := named_experts(candidates(model), self.cfg.target_modules):
+            raise ConfigError(f"method.target_modules names {named}: MoE expert weights (3-D) are not modules; "
+                              "method=lora adapts them through method.target_parameters")
         if self.cfg.target_modules is not None:
             modules, experts = self.cfg.target_modules, []
         else:
@@ -109,8 +114,12 @@ class PeftMethod(Method):
             model = get_peft_model(model, config, autocast_adapter_dtype=self.cfg.adapter_dtype == "fp32")
         except NoMatchingPeftModuleError:
             raise ConfigError(f"no module matched method.target_modules={self.cfg.target_modules!r}") from None
-        except ValueError as e:  # peft refuses a module it cannot adapt (a router class, 3-D experts)
+        except ValueError as e:  # peft refuses a module it cannot adapt
             raise ConfigError(f"method.target_modules={self.cfg.target_modules!r}: {str(e).splitlines()[0]}") from None
+        if self.cfg.target_parameters and not any(
+            getattr(module, "parameter_name", None) for module in model.modules()
+        ):  # peft only warns
+            raise ConfigError(f"method.target_parameters={self.cfg.target_parameters!r} matched no parameter")
         if self.cfg.name == "pissa":
             # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
             # original base, keep the initial adapter; peft converts the trained one against it.
@@ -125,18 +134,19 @@ class PeftMethod(Method):
         """The modules and parameters peft wrapped, with their adapter parameters."""
         from peft.tuners.lora import LoraLayer
 
-        trained = {}
+        trained, names = {}, {c.name for c in self.candidates}
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer):
                 # Two parameters of one module (experts' gate_up_proj and down_proj) nest one ParamWrapper
                 # in the other: each wrapper's own adapter is what is not under its base_layer.
                 base = name.removeprefix("base_model.model.").replace(".base_layer", "")
                 param = getattr(module, "parameter_name", None)
-                trained[f"{base}.{param}" if param else base] = sum(
+                # A 3-D parameter is its own candidate; a 2-D one (a router's weight) stands for its module.
+                trained[f"{base}.{param}" if f"{base}.{param}" in names else base] = sum(
                     p.numel() for n, p in module.named_parameters() if "lora_" in n and not n.startswith("base_layer.")
                 )
-        why = self.experts_why()
-        return account(self.candidates, trained, {"experts": why} if why else None)
+        why = self.experts_why() or "MoE expert weights, not in method.target_parameters"
+        return account(self.candidates, trained, {"experts": why})
 
     def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
         if self.cfg.name != "pissa":

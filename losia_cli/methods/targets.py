@@ -110,6 +110,15 @@ def matches(name: str, targets: list[str] | str) -> bool:
     return any(name == key or name.endswith("." + key) for key in targets)
 
 
+def named_experts(weights: list[Candidate], targets: list[str] | str | None) -> str | None:
+    """The first expert parameter that `target_modules` names (the parameter or its module), if any;
+    "all-linear" names linear modules only."""
+    if targets is None or targets == "all-linear":
+        return None
+    return next((c.name for c in weights if c.role == "experts"
+                 and (matches(c.name, targets) or matches(c.name.rsplit(".", 1)[0], targets))), None)
+
+
 def kind(name: str) -> str:
     """The name a user writes in target_modules: the last part (`experts.down_proj` for an expert parameter)."""
     parts = name.split(".")

@@ -18,10 +18,11 @@ from torch import nn
 
 from losia_cli.errors import ConfigError
 from losia_cli.methods.base import DeviceTimer, Method, TrainContext
+from losia_cli.methods.targets import (
+    account, candidates, is_conv1d, is_linear, matches, named_experts, output_head,
+)
 
 from .config import LosiaConfig
-from losia_cli.methods.targets import account, candidates, is_conv1d, is_linear, matches, output_head
-
 from .layer import SubnetLinear
 from .schedule import Rewarm, SlotSchedule, layer_index
 from .selection import magnitude_block, random_block, select_block
@@ -106,7 +107,8 @@ class LosiaMethod(Method):
             chosen = {c.name for c in weights if c.role == "linear"}
             found = [(name, mod) for name, mod in model.named_modules() if name in chosen]
         else:
-            self._refuse_experts(weights)
+            if named := named_experts(weights, cfg.target_modules):  # refused, not skipped
+                raise ConfigError(f"method.target_modules names {named}: {EXPERTS_WHY.format(method=self.name)}")
             found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
         if cfg.lm_head_rows > 0:
             if not isinstance(head, nn.Linear):
@@ -180,15 +182,6 @@ class LosiaMethod(Method):
         if self.cfg.slot_pattern is None:
             return block_of.get(name)
         return layer_index(name, self.cfg.slot_pattern)
-
-    def _refuse_experts(self, weights) -> None:
-        """Named expert parameters are refused, not skipped: LoSiA has no per-expert subnet (yet)."""
-        if self.cfg.target_modules == "all-linear":
-            return
-        for c in weights:
-            module = c.name.rsplit(".", 1)[0]
-            if c.role == "experts" and (matches(c.name, self.cfg.target_modules) or matches(module, self.cfg.target_modules)):
-                raise ConfigError(f"method.target_modules names {c.name}: {EXPERTS_WHY.format(method=self.name)}")
 
     @property
     def extras(self) -> list[nn.Parameter]:
