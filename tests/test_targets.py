@@ -82,7 +82,8 @@ def test_losia_leaves_moe_experts_and_routers_out_and_says_why():
     why = {item["kind"]: item["why"] for item in account["left_out"]}
     assert "no per-expert subnet" in why["experts.gate_up_proj"] and "router" in why["gate"]
     line = describe_line(account)
-    assert "experts.down_proj x2 (MoE expert weights" in line and line.startswith("trains q_proj, k_proj")
+    assert line.startswith("trains q_proj, k_proj, v_proj, o_proj (8 matrices); left out: gate x2 - MoE router")
+    assert "; experts.down_proj x2 - MoE expert weights (3-D): losia_pro has no per-expert subnet yet, " in line
 
 
 @pytest.mark.parametrize("targets", [["experts"], ["gate_up_proj"], r".*experts.*"])

@@ -161,6 +161,6 @@ def describe_line(targets: dict) -> str:
     text = f"trains {kinds} ({targets['matrices']} matrices)"
     if targets.get("note"):
         text += f", {targets['note']}"
-    left = [f"{item['kind']}{' x%d' % item['count'] if item['count'] > 1 else ''} ({item['why']})"
+    left = [f"{item['kind']}{' x%d' % item['count'] if item['count'] > 1 else ''} - {item['why']}"
             for item in targets["left_out"]]
     return text + (f"; left out: {'; '.join(left)}" if left else "")

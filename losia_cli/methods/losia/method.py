@@ -29,7 +29,7 @@ from .selection import magnitude_block, random_block, select_block
 from .tied import route_tied_embedding
 
 LM_HEAD_LAYER = -1  # the `layer` logged for the output head
-EXPERTS_WHY = "MoE expert weights (3-D): {method} has no per-expert subnet yet; method=lora trains them"
+EXPERTS_WHY = "MoE expert weights (3-D): {method} has no per-expert subnet yet, method=lora trains them"
 HEAD_WHY = "output head (method.lm_head_rows trains it)"
 
 
