@@ -203,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="losia-compat-") as tmp:
-        source = tokenizer_source()
+        source = None
         for family in args.families:
             kept = args.cache / f"{family}-{'-'.join(methods)}.json" if args.cache else None
             if kept and kept.is_file():
                 rows += [Row(**row) for row in json.loads(kept.read_text())]
                 continue
+            source = source or tokenizer_source()
             family_rows = run_family(family, methods, Path(tmp), source)
             if kept:
                 kept.parent.mkdir(parents=True, exist_ok=True)
