@@ -39,8 +39,9 @@ class ModelConfig(Section):
     """Hub revision (branch, tag or commit)."""
     dtype: Literal["fp32", "bf16", "fp16", "fp64"] = "fp32"
     """Dtype the weights are held in (fp64: for exact comparisons of runs, as the tests make; slow)."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null: the model's own
+    choice (sdpa where the architecture supports it, else eager)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (needed by some hub models)."""
 

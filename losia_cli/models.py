@@ -143,6 +143,12 @@ def load_model(cfg: ModelConfig, path: str):
         )
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg.name_or_path}': {str(e).splitlines()[0]}") from None
+    except (ValueError, ImportError) as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        if cfg.attn_implementation and "attention" in reason.lower():  # the model or the machine refuses the kernel
+            raise ModelError(f"model.attn_implementation={cfg.attn_implementation}: {reason.split('. ')[0]} "
+                             "(null lets the model choose)") from None
+        raise
     return model
 
 

@@ -38,6 +38,7 @@ from losia_cli.engine.records import BufferedRecords, RunRecords, model_flops_ut
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
 from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
+from losia_cli.methods.targets import describe_line
 from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
@@ -212,6 +213,7 @@ def _announce(run: Run, resume_from: str) -> None:
         f"{summary['trainable_params']:,} trainable of {summary['total_params']:,} params, "
         f"{len(run.data)} samples ({run.data.stats.get('n_tokens', '?')} tokens), {run.total_steps} steps "
         f"-> {run.run_dir}" + (f" (resumed at step {run.start_step})" if run.start_step else "")
+        + f"\n  targets: {escape(describe_line(summary['targets']))}"
     )
 
 

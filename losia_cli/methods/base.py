@@ -31,10 +31,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-# The linear layers of a Llama-family block: the default targets of every method.
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 def method_config(cls: type) -> type:
     """Decorator of a method's config (the `method:` section): a plain dataclass, so that `losia bench`
     builds methods with torch, transformers and peft alone. The run config (config.py) validates it with
@@ -253,4 +249,10 @@ class Method:
             "trainable_params": sum(p.numel() for p in params),
             "total_params": sum(p.numel() for p in self.model.parameters()),
             "optimizer_state_bytes": sum(2 * p.numel() * p.element_size() for p in params),
+            "targets": self.target_account(),
         }
+
+    def target_account(self) -> dict:
+        """What the method trains and leaves out, and why (methods/targets.py `account`); the start line
+        and report.json's `targets`. Full fine-tuning trains everything."""
+        return {"all": True}

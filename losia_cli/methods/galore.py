@@ -11,14 +11,14 @@ fine-tuning, hence the override.
 
 from __future__ import annotations
 
-from dataclasses import field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from losia_cli.errors import ConfigError
-from losia_cli.methods.base import LLAMA_PROJECTIONS, Method, TrainContext, check, method_config
+from losia_cli.methods.base import Method, TrainContext, check, method_config
+from losia_cli.methods.targets import account, candidates, default_linears, matches
 
 
 _FLATTENS = "dist={dist} flattens parameters, and GaLore projects 2-D gradients; use dist=ddp"
@@ -35,8 +35,9 @@ class GaloreConfig:
     """The projected-back update is multiplied by this (GaLore's alpha)."""
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
     """Which side(s) of the gradient GaLore projects."""
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    """Linears trained with projected gradients (names or dotted suffixes); the rest train densely."""
+    target_modules: list[str] | None = None
+    """Linears trained with projected gradients (names or dotted suffixes); the rest train densely.
+    null: every linear map inside the decoder blocks (not MoE routers, experts or the output head)."""
 
     def __post_init__(self):
         check(self.rank > 0, "rank", "must be > 0", self.rank)
@@ -53,19 +54,32 @@ class GaloreMethod(Method):
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         model.requires_grad_(True)
         super().prepare(model, ctx)
+        targets = self.cfg.target_modules
+        self.projected = set(default_linears(model)) if targets is None else {
+            name for name, _ in model.named_modules() if matches(name, targets)
+        }
         if not self.galore_params():
             raise ConfigError(f"galore: no 2-D weight matches target_modules={self.cfg.target_modules}")
         return model
 
-    def _is_target(self, module_name: str) -> bool:
-        return any(module_name == t or module_name.endswith("." + t) for t in self.cfg.target_modules)
+    def projected_modules(self) -> dict[str, nn.Module]:
+        """The target modules with a 2-D weight, by name."""
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if name in self.projected and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+        }
 
     def galore_params(self) -> list[nn.Parameter]:
-        return [
-            module.weight
-            for name, module in self.model.named_modules()
-            if self._is_target(name) and getattr(module, "weight", None) is not None and module.weight.dim() == 2
-        ]
+        return [module.weight for module in self.projected_modules().values()]
+
+    def target_account(self) -> dict:
+        """The projected matrices; nothing is left out: every other parameter (embeddings, norms, the
+        head, 3-D expert parameters) trains densely."""
+        info = account(candidates(self.model), {name: m.weight.numel() for name, m in self.projected_modules().items()})
+        dense = sum(p.numel() for p in self.model.parameters()) - info["params"]
+        info.update(left_out=[], note=f"projected; every other parameter trains densely ({dense:,})")
+        return info
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         projected = self.galore_params()

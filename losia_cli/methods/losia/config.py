@@ -7,10 +7,9 @@ reference's quirks back on (doc section 10, item 7).
 from __future__ import annotations
 
 import re
-from dataclasses import field
 from typing import Literal
 
-from losia_cli.methods.base import LLAMA_PROJECTIONS, check, method_config
+from losia_cli.methods.base import check, method_config
 
 
 @method_config
@@ -21,10 +20,11 @@ class LosiaConfig:
     pro: bool | None = None
     """Use the compact (Pro) autograd function; None means `name == "losia_pro"`."""
 
-    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    """Linears to subnet-train. A list matches a module name or its dotted suffix (like PEFT); a str is a
-    regex that must match the whole qualified module name; "all-linear" is every nn.Linear/Conv1D except
-    the output head."""
+    target_modules: list[str] | str | None = None
+    """Linears to subnet-train. null: every linear map inside the decoder blocks (fused qkv/gate_up and
+    GPT-2's Conv1D included; not MoE routers, experts or the output head). A list matches a module name or
+    its dotted suffix (like PEFT); a str is a regex that must match the whole qualified module name;
+    "all-linear" is every nn.Linear/Conv1D except the output head."""
 
     rank_factor: float = 0.125
     """p: the block keeps floor(p*m) rows and floor(p*n) columns of an m x n weight (at least 1 each)."""
@@ -66,8 +66,9 @@ class LosiaConfig:
     """p_out: when > 0 the output head is subnet-trained on floor(p_out*V) vocabulary rows and all
     hidden columns, as slot 0 (decoder layers shift by one, method doc 3.6)."""
 
-    slot_pattern: str = r"layers?\.(\d+)\."
-    """Regex whose first group, searched in a module's qualified name, is its decoder-layer index."""
+    slot_pattern: str | None = None
+    """null: a target's decoder-layer index is the index of the decoder block it sits in; else a regex whose
+    first group, searched in a module's qualified name, is that index."""
 
     compat_reference_schedule: bool = False
     """Reproduce the reference's rewarm formula, including the LR jump at the end of a rewarm (doc 5.4)."""
@@ -93,11 +94,12 @@ class LosiaConfig:
         for key in ("beta1", "beta2"):
             check(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)", getattr(self, key))
         check(0.0 <= self.lm_head_rows <= 1.0, "lm_head_rows", "must be in [0, 1]", self.lm_head_rows)
-        try:
-            groups = re.compile(self.slot_pattern).groups
-        except re.error as e:
-            raise ValueError(f"method.slot_pattern: not a regex: {e}") from None
-        check(groups >= 1, "slot_pattern", "needs a capture group for the layer index", self.slot_pattern)
+        if self.slot_pattern is not None:
+            try:
+                groups = re.compile(self.slot_pattern).groups
+            except re.error as e:
+                raise ValueError(f"method.slot_pattern: not a regex: {e}") from None
+            check(groups >= 1, "slot_pattern", "needs a capture group for the layer index", self.slot_pattern)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)

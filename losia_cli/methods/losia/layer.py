@@ -28,13 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from losia_cli.methods.targets import is_conv1d, is_linear
+
 from .autograd import block_of, subnet_linear
 from .importance import Scorer, at_least_fp32
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """HF's GPT-2 style Conv1D (weight stored as (in, out)); checked by name so transformers stays lazy."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class SubnetLinear(nn.Module):
@@ -49,7 +46,7 @@ class SubnetLinear(nn.Module):
         delta: bool = False,
     ):
         super().__init__()
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        if not is_linear(base):
             raise TypeError(f"SubnetLinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}")
         self.transposed = is_conv1d(base)
         self.weight = base.weight

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +18,19 @@ from torch import nn
 
 from losia_cli.errors import ConfigError
 from losia_cli.methods.base import DeviceTimer, Method, TrainContext
+from losia_cli.methods.targets import (
+    account, candidates, is_conv1d, is_linear, matches, named_experts, output_head,
+)
 
 from .config import LosiaConfig
-from .layer import SubnetLinear, is_conv1d
+from .layer import SubnetLinear
 from .schedule import Rewarm, SlotSchedule, layer_index
 from .selection import magnitude_block, random_block, select_block
 from .tied import route_tied_embedding
 
 LM_HEAD_LAYER = -1  # the `layer` logged for the output head
+EXPERTS_WHY = "MoE expert weights (3-D): {method} has no per-expert subnet yet, method=lora trains them"
+HEAD_WHY = "output head (method.lm_head_rows trains it)"
 
 
 @dataclass
@@ -51,12 +55,6 @@ def block_shape(m: int, n: int, cfg: LosiaConfig, is_head: bool) -> tuple[int, i
         p = cfg.rank_factor
     # The epsilon keeps exact products such as 0.125 * 64 from flooring to 7 through rounding.
     return max(1, min(m, math.floor(p * m + 1e-9))), max(1, min(n, math.floor(p * n + 1e-9))), p
-
-
-def output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return head if head is not None else getattr(model, "lm_head", None)
 
 
 def block_overlap(old_rows, old_cols, rows, cols) -> float:
@@ -104,22 +102,33 @@ class LosiaMethod(Method):
         model.requires_grad_(False)
 
         head = output_head(model)
-        found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
+        self.candidates = weights = candidates(model)
+        if cfg.target_modules is None:  # every linear map inside the decoder blocks (methods/targets.py)
+            chosen = {c.name for c in weights if c.role == "linear"}
+            found = [(name, mod) for name, mod in model.named_modules() if name in chosen]
+        else:
+            if named := named_experts(weights, cfg.target_modules):  # refused, not skipped
+                raise ConfigError(f"method.target_modules names {named}: {EXPERTS_WHY.format(method=self.name)}")
+            found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
         if cfg.lm_head_rows > 0:
             if not isinstance(head, nn.Linear):
                 raise ConfigError("lm_head_rows > 0 needs an nn.Linear output head (get_output_embeddings())")
             found.append((next(name for name, module in model.named_modules() if module is head), head))
         if not found:
+            if cfg.target_modules is None:
+                raise ConfigError("no linear map found in the model's decoder blocks: name the targets in "
+                                  "method.target_modules")
             raise ConfigError(f"no nn.Linear matched method.target_modules={cfg.target_modules!r}")
 
-        layers = {
-            name: LM_HEAD_LAYER if mod is head else layer_index(name, cfg.slot_pattern) for name, mod in found
-        }
+        block_of = {c.name: c.block for c in weights}
+        layers = {name: LM_HEAD_LAYER if mod is head else self._layer(name, block_of) for name, mod in found}
         unplaced = [name for name, layer in layers.items() if layer is None]
         if unplaced:
+            where = ("sit in no decoder block" if cfg.slot_pattern is None
+                     else f"have no layer index by method.slot_pattern={cfg.slot_pattern!r}")
             raise ConfigError(
-                f"method.slot_pattern={cfg.slot_pattern!r} finds no layer index in {unplaced[:3]}; "
-                "set it to a regex whose first group is the block number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
+                f"{unplaced[:3]} {where}; set method.slot_pattern to a regex whose first group is the "
+                "layer number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
             )
         # lm_head is slot 0 and decoder layers follow in index order (doc 3.6); layers without a target
         # get no slot, so no time slot idles.
@@ -166,14 +175,13 @@ class LosiaMethod(Method):
         return cls.config_class(name=name, **extra)
 
     def _is_target(self, name: str, module: nn.Module, head: nn.Module | None) -> bool:
-        if module is head or not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            return False
-        targets = self.cfg.target_modules
-        if targets == "all-linear":
-            return True
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == key or name.endswith("." + key) for key in targets)
+        return module is not head and is_linear(module) and matches(name, self.cfg.target_modules)
+
+    def _layer(self, name: str, block_of: dict[str, int | None]) -> int | None:
+        """The decoder-layer index of a target: its decoder block, or `slot_pattern`'s first group."""
+        if self.cfg.slot_pattern is None:
+            return block_of.get(name)
+        return layer_index(name, self.cfg.slot_pattern)
 
     @property
     def extras(self) -> list[nn.Parameter]:
@@ -428,4 +436,11 @@ class LosiaMethod(Method):
                 "subnet_rank_disagreements": self.rank_disagreements,
             }
         )
+        return info
+
+    def target_account(self) -> dict:
+        trained = {t.name: t.module.sub.numel() for t in self.targets}
+        info = account(self.candidates, trained, {"experts": EXPERTS_WHY.format(method=self.name), "head": HEAD_WHY})
+        if self.cfg.dense_extras != "none":
+            info["note"] = f"plus dense {self.cfg.dense_extras} ({sum(p.numel() for p in self.extras):,} params)"
         return info
