@@ -407,3 +407,12 @@ def test_family_round_trip(tmp_path, family, split, gguf_arch):
     gguf_tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     for text in (TEXT, "Numbers 1234567 and it's   spaced\n\nout"):
         assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_a_name_llama_cpp_refuses_is_never_written(bpe_llama_dir, tmp_path, monkeypatch, capsys):
+    from losia_cli import export
+
+    monkeypatch.setattr(export, "_pre_tokenizer", lambda tokenizer: "gpt2")  # what the first exporter wrote
+    assert main(["export", str(bpe_llama_dir), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "llama.cpp does not accept 'gpt2' among its pre tokenizers" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -99,14 +99,15 @@ def test_gemma_runs_in_llama_cpp(gemma_dir, tmp_path):
 def test_smollm2_runs_in_llama_cpp(smollm2_dir, tmp_path, outtype):
     """The default run's model (the packaged SmolLM2-135M-Instruct), a trained one: f16 decides every
     greedy token of the reply by a clear margin (measured: logits within 0.0013 of the range), so all
-    12 match. q8_0 (measured 0.037) leaves some close calls; its reply matches up to the first of
-    them at least (measured here: all 12 matched, the first 8 decided)."""
+    12 match. q8_0 (measured 0.037) leaves close calls, the first step among them: every decided
+    step matches (checked in _check_runs_alike) and the reply matches up to the first close call at
+    least (measured here: all 12 tokens matched, 8 of them decided)."""
     relative, decided, decided_prefix, agreed = _check_runs_alike(
         smollm2_dir, _export(smollm2_dir, tmp_path / "s.gguf", outtype), outtype, steps=12)
     if outtype == "f16":
         assert decided == agreed == 12, (relative, decided, agreed)
     else:
-        assert agreed >= decided_prefix >= 4, (relative, decided_prefix, agreed)
+        assert agreed >= decided_prefix, (relative, decided_prefix, agreed)
 
 
 def test_the_names_list_is_llama_cpp_s(bpe_llama_dir, tmp_path, monkeypatch):
