@@ -6,8 +6,9 @@ convert_hf_to_gguf.py writes for each architecture, and every name written is on
 accepts (llama_cpp_names.json, taken from its source). The file is built beside `--out` and checked
 against the source model whose weights went through the same rounding (f16 / bf16 / q8_0
 round-trip): a Llama file is read back through transformers (`gguf_file=`) and its logits must
-match exactly; transformers cannot load a `gemma` file, so there every tensor gguf's reader finds
-must equal the rounded source weight. Only then is it renamed into place.
+match exactly; for the other architectures (transformers cannot load a `gemma` file) every tensor
+gguf's reader finds must equal the rounded source weight. tests/test_export_llamacpp.py runs the
+files in llama.cpp itself. Only then is it renamed into place.
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def _check_supported(model, tokenizer) -> None:
 
 def _to_gguf(model):
     """(gguf name, float32 data) per tensor, with llama.cpp's conventions applied: Llama's q/k rows
-    interleaved for GGML's rope, Gemma's RMSNorm weights stored +1 (HF computes x * (1 + w), llama.cpp
+    (and biases) interleaved for GGML's rope, Gemma's RMSNorm weights stored +1 (HF computes x * (1 + w), llama.cpp
     x * w; both in fp32, so the sum rounds the same)."""
     import gguf
 
     config = model.config
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == ARCHITECTURES[config.model_type])
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    interleave = ARCHITECTURES[config.model_type] in INTERLEAVED_ROPE
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: llama.cpp reuses token_embd, transformers re-ties on load
@@ -129,9 +131,9 @@ def _to_gguf(model):
         tensor = tensor.detach().float().cpu()
         if config.model_type == "gemma" and hf_name.endswith("norm.weight"):
             tensor = tensor + 1
-        elif ARCHITECTURES[config.model_type] in INTERLEAVED_ROPE and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        elif interleave and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = _rope_interleave(tensor, config.num_attention_heads)
-        elif ARCHITECTURES[config.model_type] in INTERLEAVED_ROPE and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif interleave and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _rope_interleave(tensor, config.num_key_value_heads)
         yield name, tensor.numpy()
 
