@@ -39,6 +39,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 INTERLEAVED_ROPE = ("llama",)
 # Those transformers (5.23) loads from GGUF: its loader knows gemma2-4 but not the first Gemma.
 RELOADABLE = ("llama",)
+
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # A byte-level BPE split written as a Split regex before ByteLevel(use_regex=False) -> llama.cpp's
 # pre-tokenizer with that regex (src/llama-vocab.cpp), in the form released tokenizer.json files carry.
@@ -48,6 +49,12 @@ SPLIT_PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+": "qwen2",  # Qwen2 / Qwen3: the same with single digits
 }
+
+
+def _reloadable(config) -> bool:
+    """Whether transformers reads this model back from GGUF as written: its reader undoes the rope
+    reorder of q/k weights but not of q/k biases (which llama.cpp's converter reorders too)."""
+    return config.model_type in RELOADABLE and not getattr(config, "attention_bias", False)
 
 
 @functools.cache
@@ -351,7 +358,7 @@ def _verify(path: Path, rounded, tokens: torch.Tensor, expected: torch.Tensor, o
     import gguf
 
     model_type = rounded.config.model_type
-    if model_type in RELOADABLE:
+    if _reloadable(rounded.config):
         with torch.no_grad():
             reloaded = load_gguf(path)(tokens).logits
         if not torch.equal(reloaded, expected):
@@ -407,5 +414,5 @@ def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str 
             tmp.rename(tmp.with_suffix(""))
         finally:
             tmp.unlink(missing_ok=True)
-    return {"outtype": outtype, "verified_by": "logits" if model.config.model_type in RELOADABLE else "tensors",
+    return {"outtype": outtype, "verified_by": "logits" if _reloadable(model.config) else "tensors",
             "max_abs_logit_drift": drift, "relative_logit_drift": relative, "bytes": out.stat().st_size}

@@ -58,7 +58,12 @@ def _tiny_model(family: str, vocab_size: int, **overrides):
         options["head_dim"] = 32  # wider than hidden / heads, as Qwen3's are: key_length must say so
     options.update(overrides)
     torch.manual_seed(0)
-    return getattr(transformers, model_class)(getattr(transformers, config_class)(**options))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**options))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # initialised to 0, which would hide a bias in the wrong layout
+                param.uniform_(-0.5, 0.5)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -65,15 +65,17 @@ def _export(source, out, outtype="f16"):
     return out
 
 
-@pytest.mark.parametrize("family, split", [("llama", "smollm2"), ("llama", "llama-bpe"), ("mistral", "smollm2"),
-                                           ("qwen2", "qwen2"), ("qwen3", "qwen2"), ("qwen3", "smollm2")])
+@pytest.mark.parametrize("family, split", [("llama", "smollm2"), ("llama", "llama-bpe"), ("llama-bias", "gpt-2"),
+                                           ("mistral", "smollm2"), ("qwen2", "qwen2"), ("qwen3", "qwen2"),
+                                           ("qwen3", "smollm2")])
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_family_runs_in_llama_cpp(tok, tmp_path, family, split, outtype):
     """A tiny random model of each family, with SmolLM2's tokenizer or a tiny one with Llama-3's or
     Qwen2's split; weights scaled up so that the greedy tokens are decided by clear margins."""
     tokenizer = tok if split == "smollm2" else _bpe_tokenizer(split)
     source = tmp_path / "source"
-    model = _tiny_model(family, len(tokenizer), initializer_range=0.2)
+    overrides = {"attention_bias": True} if family == "llama-bias" else {}  # q/k biases take the rope reorder
+    model = _tiny_model(family.removesuffix("-bias"), len(tokenizer), initializer_range=0.2, **overrides)
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     relative, decided, _, _ = _check_runs_alike(source, _export(source, tmp_path / "x.gguf", outtype), outtype)
