@@ -39,7 +39,6 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 INTERLEAVED_ROPE = ("llama",)
 # Those transformers (5.23) loads from GGUF: its loader knows gemma2-4 but not the first Gemma.
 RELOADABLE = ("llama",)
-
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # A byte-level BPE split written as a Split regex before ByteLevel(use_regex=False) -> llama.cpp's
 # pre-tokenizer with that regex (src/llama-vocab.cpp), in the form released tokenizer.json files carry.
