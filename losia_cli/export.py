@@ -1,16 +1,20 @@
-"""`losia export TARGET --format gguf`: a Llama or Gemma model as one GGUF file for llama.cpp & co.
+"""`losia export TARGET --format gguf`: a model as one GGUF file for llama.cpp & co.
 
 Tensors are renamed through the `gguf` package's own tensor-name map and written with its
 GGUFWriter; the metadata keys, tensor conventions and vocabulary are the ones llama.cpp's
-convert_hf_to_gguf.py writes for `llama` and `gemma`. The file is built beside `--out` and checked
+convert_hf_to_gguf.py writes for each architecture, and every name written is one llama.cpp
+accepts (llama_cpp_names.json, taken from its source). The file is built beside `--out` and checked
 against the source model whose weights went through the same rounding (f16 / bf16 / q8_0
 round-trip): a Llama file is read back through transformers (`gguf_file=`) and its logits must
-match exactly; transformers cannot load a `gemma` file, so there every tensor gguf's reader finds
-must equal the rounded source weight. Only then is it renamed into place.
+match exactly; for the other architectures (transformers cannot load a `gemma` file) every tensor
+gguf's reader finds must equal the rounded source weight. tests/test_export_llamacpp.py runs the
+files in llama.cpp itself. Only then is it renamed into place.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -28,11 +32,34 @@ OUTTYPES = ("f16", "bf16", "q8_0")
 # q8_0 is also held to the unquantized model: max |logit drift| / max |logit| at most this (a check on
 # the quantizer itself, which the exact comparison shares). SmolLM2-135M measures 0.044 (bf16 0.007).
 Q8_0_RELATIVE_TOLERANCE = 0.1
-# HF model_type -> GGUF architecture.
-ARCHITECTURES = {"llama": "llama", "gemma": "gemma"}
+# HF model_type -> GGUF architecture (llama.cpp's converter writes Mistral as `llama`).
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+# llama.cpp runs `llama` with GGML's interleaved rope, so q/k rows are reordered from HF's rotate-half
+# layout; its qwen2, qwen3 and gemma graphs use the NEOX rope, which is HF's layout.
+INTERLEAVED_ROPE = ("llama",)
 # Those transformers (5.23) loads from GGUF: its loader knows gemma2-4 but not the first Gemma.
 RELOADABLE = ("llama",)
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# A byte-level BPE split written as a Split regex before ByteLevel(use_regex=False) -> llama.cpp's
+# pre-tokenizer with that regex (src/llama-vocab.cpp), in the form released tokenizer.json files carry.
+SPLIT_PRE_TOKENIZERS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "llama-bpe",  # Llama-3 (tiktoken's cl100k split)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+": "qwen2",  # Qwen2 / Qwen3: the same with single digits
+}
+
+
+def _reloadable(config) -> bool:
+    """Whether transformers reads this model back from GGUF as written: its reader undoes the rope
+    reorder of q/k weights but not of q/k biases (which llama.cpp's converter reorders too)."""
+    return config.model_type in RELOADABLE and not getattr(config, "attention_bias", False)
+
+
+@functools.cache
+def llama_cpp_names() -> dict:
+    """The names llama.cpp accepts and its converter's pre-tokenizer hashes (see the file's `source`)."""
+    return json.loads((Path(__file__).with_name("llama_cpp_names.json")).read_text(encoding="utf-8"))
 
 
 def _qtype(outtype: str):
@@ -53,6 +80,14 @@ def _rope_interleave(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def _accepted(kind: str, name: str) -> str:
+    """`name` if llama.cpp accepts it as one of its `kind` ("architectures", "tokenizer_models",
+    "pre_tokenizers"): a name it does not know makes it refuse the whole file."""
+    if name not in llama_cpp_names()[kind]:
+        raise ExportError(f"GGUF export: llama.cpp does not accept {name!r} among its {kind.replace('_', ' ')}")
+    return name
+
+
 def _spm(tokenizer) -> bool:
     """A sentencepiece vocabulary (Llama-2, Gemma) as transformers holds it: BPE with byte fallback."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
@@ -63,8 +98,8 @@ def _check_supported(model, tokenizer) -> None:
     """Refuse before writing anything: another architecture, rope scaling, an unknown tokenizer."""
     config = model.config
     if config.model_type not in ARCHITECTURES:
-        raise ExportError(f"GGUF export supports Llama-family models (model_type {', '.join(ARCHITECTURES)}); "
-                          f"this one is {config.model_type!r}")
+        raise ExportError(f"GGUF export cannot write architecture {config.model_type!r} (model_type); it writes "
+                          f"{', '.join(ARCHITECTURES)}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ExportError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported")
@@ -80,18 +115,19 @@ def _check_supported(model, tokenizer) -> None:
     if spec["model"]["type"] != "BPE":
         raise ExportError(f"GGUF export: tokenizer model {spec['model']['type']} is not supported "
                           "(byte-level or sentencepiece BPE is)")
-    _pre_tokenizer(spec.get("pre_tokenizer"))
+    _pre_tokenizer(tokenizer)
 
 
 def _to_gguf(model):
     """(gguf name, float32 data) per tensor, with llama.cpp's conventions applied: Llama's q/k rows
-    interleaved for GGML's rope, Gemma's RMSNorm weights stored +1 (HF computes x * (1 + w), llama.cpp
+    (and biases) interleaved for GGML's rope, Gemma's RMSNorm weights stored +1 (HF computes x * (1 + w), llama.cpp
     x * w; both in fp32, so the sum rounds the same)."""
     import gguf
 
     config = model.config
     arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == ARCHITECTURES[config.model_type])
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    interleave = ARCHITECTURES[config.model_type] in INTERLEAVED_ROPE
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: llama.cpp reuses token_embd, transformers re-ties on load
@@ -101,9 +137,9 @@ def _to_gguf(model):
         tensor = tensor.detach().float().cpu()
         if config.model_type == "gemma" and hf_name.endswith("norm.weight"):
             tensor = tensor + 1
-        elif config.model_type == "llama" and hf_name.endswith("q_proj.weight"):
+        elif interleave and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = _rope_interleave(tensor, config.num_attention_heads)
-        elif config.model_type == "llama" and hf_name.endswith("k_proj.weight"):
+        elif interleave and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _rope_interleave(tensor, config.num_key_value_heads)
         yield name, tensor.numpy()
 
@@ -121,15 +157,30 @@ def _gguf_tensors(model, outtype: str):
             yield name, gguf.quants.quantize(data, qtype), qtype
 
 
-def _pre_tokenizer(spec: dict | None) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer (the split before merges)."""
-    kinds = [p.get("type") for p in (spec or {}).get("pretokenizers", [spec] if spec else [])]
-    if kinds == ["ByteLevel"] and spec.get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and spec["pretokenizers"][0].get("individual_digits"):
-        return "smollm"  # SmolLM / SmolLM2: digits one by one, then GPT-2's split
-    raise ExportError(f"GGUF export: unsupported tokenizer pre-tokenizer {kinds}; "
-                      "byte-level BPE (GPT-2 style, as SmolLM2's) is supported")
+def _pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer (its split before merges), found
+    as llama.cpp's converter finds it: by the hash of the ids its check text encodes to, which names
+    the released tokenizers llama.cpp knows. Another vocabulary (trained here, or converted from a
+    GGUF) hashes to nothing known; then the split itself names it."""
+    names = llama_cpp_names()
+    digest = hashlib.sha256(str(tokenizer.encode(names["check_text"])).encode()).hexdigest()
+    if digest in names["pre_tokenizer_hashes"]:
+        return names["pre_tokenizer_hashes"][digest]
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = spec.get("pretokenizers", [spec])
+    kinds = [step.get("type") for step in steps]
+    # llama.cpp's byte-level BPE never adds a prefix space
+    if kinds[-1:] == ["ByteLevel"] and not steps[-1].get("add_prefix_space"):
+        regex = steps[-1].get("use_regex", True)
+        if kinds == ["ByteLevel"] and regex:
+            return "gpt-2"
+        if kinds == ["Digits", "ByteLevel"] and regex and steps[0].get("individual_digits"):
+            return "smollm"  # SmolLM / SmolLM2: digits one by one, then GPT-2's split
+        if (kinds == ["Split", "ByteLevel"] and not regex and steps[0].get("behavior") == "Isolated"
+                and not steps[0].get("invert") and steps[0]["pattern"].get("Regex") in SPLIT_PRE_TOKENIZERS):
+            return SPLIT_PRE_TOKENIZERS[steps[0]["pattern"]["Regex"]]
+    raise ExportError(f"GGUF export: unsupported tokenizer pre-tokenizer {kinds}; byte-level BPE with GPT-2's, "
+                      "SmolLM's, Llama-3's or Qwen2's split is supported")
 
 
 def _add_bpe_vocab(writer, tokenizer, vocab_size: int) -> None:
@@ -144,8 +195,8 @@ def _add_bpe_vocab(writer, tokenizer, vocab_size: int) -> None:
         tokens[index], types[index] = token, gguf.TokenType.NORMAL
     for index, added in tokenizer.added_tokens_decoder.items():
         types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
+    writer.add_tokenizer_model(_accepted("tokenizer_models", "gpt2"))
+    writer.add_tokenizer_pre(_accepted("pre_tokenizers", _pre_tokenizer(tokenizer)))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
@@ -209,8 +260,8 @@ def _add_spm_vocab(writer, tokenizer, vocab_size: int) -> None:
             tokens[i] = added.content if added.special else added.content.replace("\u2581", " ")
             types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
             scores[i] = -1000.0
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(_accepted("tokenizer_models", "llama"))
+    writer.add_tokenizer_pre(_accepted("pre_tokenizers", "default"))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -254,10 +305,10 @@ def _add_hparams(writer, config, name: str, outtype: str) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if config.model_type == "gemma":  # Gemma's heads are not hidden_size / heads wide (2B: 256 vs 2048/8)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    else:
+    # Gemma's and Qwen3's heads are not hidden_size / heads wide (Gemma 2B: 256 vs 2048/8)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if config.model_type != "gemma":
         writer.add_rope_dimension_count(head_dim)
         writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(outtype))
@@ -267,7 +318,7 @@ def _add_hparams(writer, config, name: str, outtype: str) -> None:
 def _write(path: Path, model, tokenizer, name: str, outtype: str) -> None:
     import gguf
 
-    writer = gguf.GGUFWriter(path, ARCHITECTURES[model.config.model_type])
+    writer = gguf.GGUFWriter(path, _accepted("architectures", ARCHITECTURES[model.config.model_type]))
     _add_hparams(writer, model.config, name, outtype)
     _add_tokenizer(writer, tokenizer, model.config.vocab_size)
     for tensor_name, data, qtype in _gguf_tensors(model, outtype):
@@ -306,7 +357,7 @@ def _verify(path: Path, rounded, tokens: torch.Tensor, expected: torch.Tensor, o
     import gguf
 
     model_type = rounded.config.model_type
-    if model_type in RELOADABLE:
+    if _reloadable(rounded.config):
         with torch.no_grad():
             reloaded = load_gguf(path)(tokens).logits
         if not torch.equal(reloaded, expected):
@@ -336,6 +387,10 @@ def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str 
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     _check_supported(model, tokenizer)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot create its folder ({error.strerror})") from None
     model = model.float().eval()
     tokens = probe_tokens(model)
     with torch.no_grad():
@@ -358,5 +413,5 @@ def export_gguf(model, tokenizer, out: Path, *, outtype: str = "f16", name: str 
             tmp.rename(tmp.with_suffix(""))
         finally:
             tmp.unlink(missing_ok=True)
-    return {"outtype": outtype, "verified_by": "logits" if model.config.model_type in RELOADABLE else "tensors",
+    return {"outtype": outtype, "verified_by": "logits" if _reloadable(model.config) else "tensors",
             "max_abs_logit_drift": drift, "relative_logit_drift": relative, "bytes": out.stat().st_size}

@@ -12,33 +12,66 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from losia_cli.cli import main
-from losia_cli.export import load_gguf, round_like_gguf_
+from losia_cli.export import ARCHITECTURES, SPLIT_PRE_TOKENIZERS, llama_cpp_names, load_gguf, round_like_gguf_
 from losia_cli.merge import probe_tokens
 
 TEXT = "Hello world, how are you? <|im_start|>user\nfine<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def bpe_llama_dir(tmp_path_factory):
-    """A 2-layer Llama with a 300-token byte-level BPE trained here (a 49k vocabulary makes
-    transformers' GGUF reader take tens of seconds)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def _bpe_tokenizer(split: str = "gpt-2"):
+    """A 300-token byte-level BPE trained here (a 49k vocabulary makes transformers' GGUF reader take
+    tens of seconds), with GPT-2's split, SmolLM's (digits first) or a Split regex as Llama-3 / Qwen2
+    write it (SPLIT_PRE_TOKENIZERS)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt-2", "smollm"))
+    if split == "gpt-2":
+        backend.pre_tokenizer = byte_level
+    elif split == "smollm":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        regex = next(regex for regex, name in SPLIT_PRE_TOKENIZERS.items() if name == split)
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), behavior="isolated"), byte_level])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    backend.train_from_iterator([TEXT, "the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    backend.train_from_iterator([TEXT, "the quick brown fox jumps over the lazy dog 12345"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
+def _tiny_model(family: str, vocab_size: int, **overrides):
+    """A 2-layer random model of a transformers family, small enough to export in a second."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    }[family]
+    options = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                   tie_word_embeddings=True)
+    if family == "qwen3":
+        options["head_dim"] = 32  # wider than hidden / heads, as Qwen3's are: key_length must say so
+    options.update(overrides)
     torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**options))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # initialised to 0, which would hide a bias in the wrong layout
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bpe_llama_dir(tmp_path_factory):
+    """A 2-layer Llama with a tiny byte-level BPE (GPT-2's split)."""
+    tokenizer = _bpe_tokenizer()
     out = tmp_path_factory.mktemp("bpe-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
+    _tiny_model("llama", len(tokenizer)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -275,7 +308,7 @@ def test_unsupported_architecture_is_refused(capsys, tok, tmp_path):
     out = tmp_path / "x.gguf"
     assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "Llama-family" in err and "gpt2" in err and "Traceback" not in err
+    assert "cannot write architecture 'gpt2'" in err and "Traceback" not in err
     assert not out.exists() and not any(p.name.startswith(".x") for p in tmp_path.iterdir())
 
 
@@ -284,3 +317,107 @@ def test_smollm2_round_trip(smollm2_dir, tmp_path):
     out = tmp_path / "smollm2-f16.gguf"
     assert main(["export", str(smollm2_dir), "--format", "gguf", "--out", str(out)]) == 0
     assert _check_round_trip(smollm2_dir, out, "f16") < 0.1
+
+
+def test_every_name_we_write_is_one_llama_cpp_accepts():
+    """llama.cpp refuses a whole file over one name it does not know (it calls GPT-2's split `gpt-2`,
+    not `gpt2`): every architecture, tokenizer model and pre-tokenizer the exporter can write is in the
+    lists taken from llama.cpp's source (test_export_llamacpp.py confirms them by loading)."""
+    from losia_cli import export
+
+    names = llama_cpp_names()
+    assert set(ARCHITECTURES.values()) <= set(names["architectures"])
+    for split in ("gpt-2", "smollm", *SPLIT_PRE_TOKENIZERS.values()):
+        assert export._pre_tokenizer(_bpe_tokenizer(split)) == split
+        assert split in names["pre_tokenizers"], split
+    assert {"gpt2", "llama"} <= set(names["tokenizer_models"]) and "default" in names["pre_tokenizers"]
+    assert set(names["pre_tokenizer_hashes"].values()) <= set(names["pre_tokenizers"])
+    assert "gpt2" not in names["pre_tokenizers"]  # the name the first exporter wrote
+
+
+def test_split_regexes_are_the_ones_transformers_reads_back():
+    """transformers' GGUF tokenizer rebuilds the split from `tokenizer.ggml.pre`: the same regex."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    for regex, name in SPLIT_PRE_TOKENIZERS.items():
+        assert GGUF_PRE_TOKENIZER_SPLITS[name] == regex, name
+
+
+def test_a_released_tokenizer_is_named_by_its_hash(monkeypatch):
+    """As llama.cpp's converter does: the ids of its check text, hashed, name a known tokenizer before
+    its split is looked at (here the tiny GPT-2-split vocabulary posing as a released one)."""
+    import hashlib
+
+    from losia_cli import export
+
+    tokenizer = _bpe_tokenizer()
+    names = dict(llama_cpp_names())
+    digest = hashlib.sha256(str(tokenizer.encode(names["check_text"])).encode()).hexdigest()
+    names["pre_tokenizer_hashes"] = {**names["pre_tokenizer_hashes"], digest: "stablelm2"}
+    monkeypatch.setattr(export, "llama_cpp_names", lambda: names)
+    assert export._pre_tokenizer(tokenizer) == "stablelm2"
+
+
+def test_an_unknown_split_is_refused(capsys, tmp_path):
+    from tokenizers import pre_tokenizers
+
+    tokenizer = _bpe_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    source = tmp_path / "source"
+    _tiny_model("llama", len(tokenizer)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert main(["export", str(source), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "unsupported tokenizer pre-tokenizer ['Whitespace']" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_out_folder_is_created(bpe_llama_dir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "tiny.gguf"
+    assert main(["export", str(bpe_llama_dir), "--format", "gguf", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny.README.md", "tiny.gguf"]
+
+
+def test_out_folder_that_cannot_be_made_is_one_line(bpe_llama_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("kept")
+    out = tmp_path / "file" / "tiny.gguf"
+    assert main(["export", str(bpe_llama_dir), "--format", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create its folder" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("family, split, gguf_arch", [("mistral", "gpt-2", "llama"), ("qwen2", "qwen2", "qwen2"),
+                                                      ("qwen3", "qwen2", "qwen3"), ("llama", "llama-bpe", "llama")])
+def test_family_round_trip(tmp_path, family, split, gguf_arch):
+    """Each family's file holds its rounded weights (checked tensor by tensor, or by transformers'
+    logits for llama) under llama.cpp's names, and its tokenizer reads back with identical ids through
+    transformers' GGUF reader: Llama-3's tiktoken-style split (`llama-bpe`) and Qwen2's included."""
+    import gguf
+
+    tokenizer = _bpe_tokenizer(split)
+    source = tmp_path / "source"
+    overrides = {"attention_bias": True} if family == "llama" else {}  # q/k biases take the rope reorder
+    _tiny_model(family, len(tokenizer), **overrides).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / f"{family}.gguf"
+    assert main(["export", str(source), "--format", "gguf", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    assert (_field(reader, "general.architecture"), _field(reader, "tokenizer.ggml.pre")) == (gguf_arch, split)
+    names = {tensor.name for tensor in reader.tensors}
+    if family == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.1.attn_v.bias"} <= names
+    if family == "qwen3":
+        assert {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
+        assert _field(reader, "qwen3.attention.key_length") == 32
+    gguf_tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for text in (TEXT, "Numbers 1234567 and it's   spaced\n\nout"):
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_a_name_llama_cpp_refuses_is_never_written(bpe_llama_dir, tmp_path, monkeypatch, capsys):
+    from losia_cli import export
+
+    monkeypatch.setattr(export, "_pre_tokenizer", lambda tokenizer: "gpt2")  # what the first exporter wrote
+    assert main(["export", str(bpe_llama_dir), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "llama.cpp does not accept 'gpt2' among its pre tokenizers" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

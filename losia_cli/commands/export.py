@@ -1,4 +1,4 @@
-"""`losia export`: a run or model as one GGUF file, verified by reloading it through transformers."""
+"""`losia export`: a run or model as one GGUF file, verified by reading it back."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ EXAMPLES = """\
 examples:
   losia export runs/demo --format gguf --out demo-f16.gguf
   losia export runs/demo --format gguf --outtype q8_0 --out demo-q8_0.gguf --force
-Llama (SmolLM2, Llama-2) and Gemma models with a byte-level BPE or sentencepiece tokenizer;
-writes FILE and STEM.README.md beside it.
+llama (SmolLM2, Llama-2, Llama-3), mistral, qwen2, qwen3 and gemma models with a byte-level BPE or
+sentencepiece tokenizer; writes FILE (its folder created) and STEM.README.md beside it.
 """
 
 
