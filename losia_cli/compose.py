@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import get_origin
 
-from losia_cli.errors import ConfigError, UsageError
+from losia_cli.errors import ConfigError, UsageError, omegaconf_message
 from losia_cli.resources import recipes_dir
 
 
@@ -143,7 +143,7 @@ def _apply_settings(cfg, settings: list[str]) -> None:
             with open_dict(cfg):
                 OmegaConf.update(cfg, key, override.value(), merge=True)
         except OmegaConfBaseException as e:  # e.g. a malformed ${...}
-            raise UsageError(f"override {override.input_line!r}: {_omegaconf_message(e)}") from None
+            raise UsageError(f"override {override.input_line!r}: {omegaconf_message(e)}") from None
 
 
 def sweep_words(words: list[str], root: Path | None = None) -> list[str]:
@@ -236,27 +236,10 @@ def load_config(overrides: list[str], root: Path | None = None, quiet: bool = Fa
         cfg.pop("hydra", None)
         cfg.recipe = cfg.get("recipe") or recipe
     notes: list[str] = []
-    validated = validate(resolved(cfg), notes)
+    validated = validate(cfg, notes)
     for note in [] if quiet else notes:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]note:[/] {escape(note)}")
     return validated
-
-
-def resolved(cfg) -> dict:
-    """The composed config as plain dicts with every ${...} resolved; a bad interpolation (in a recipe
-    or an override) is one line naming its key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_omegaconf_message(e)) from None
-
-
-def _omegaconf_message(e: Exception) -> str:
-    text = re.sub(r"^\w+ raised while resolving interpolation: \"?(.*?)\"?$", r"\1", str(e).strip().splitlines()[0])
-    return f"{e.full_key}: {text}" if getattr(e, "full_key", None) else text
 
 
 def parse_options(words: list[str], model):

@@ -14,9 +14,8 @@ from typing import Annotated, Literal, Union, get_type_hints
 from omegaconf import DictConfig
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
-from losia_cli.compose import resolved
 from losia_cli.data.config import DataConfig
-from losia_cli.errors import ConfigError
+from losia_cli.errors import ConfigError, omegaconf_message
 from losia_cli.eval.config import EvalConfig
 from losia_cli.methods import config_classes, method_class, method_names
 from losia_cli.schema import RULES, Seed, Section, refuse_bool
@@ -300,6 +299,18 @@ def _drop_other_methods_keys(method: dict, notes: list[str]) -> dict:
     for key in sorted(set(method) & elsewhere):
         notes.append(f"method.{key}={method[key]!r} does not apply to {method['name']}; ignored")
     return {k: v for k, v in method.items() if k not in elsewhere}
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The composed config as plain dicts with every ${...} resolved; a bad interpolation (in a recipe
+    or an override) is one line naming its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(omegaconf_message(e)) from None
 
 
 def validate(cfg: DictConfig | dict, notes: list[str] | None = None) -> RunConfig:

@@ -4,6 +4,7 @@ as they were before, so callers that catch those keep working."""
 
 import errno
 import os
+import re
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -65,3 +66,9 @@ class ChatError(LosiaError, ValueError):
 
 class ExportError(LosiaError, ValueError):
     """A model this exporter cannot write, or a file that failed verification."""
+
+
+def omegaconf_message(e: Exception) -> str:
+    """An OmegaConf error (a bad interpolation, an unparsable value) as one line naming its key."""
+    text = re.sub(r"^\w+ raised while resolving interpolation: \"?(.*?)\"?$", r"\1", str(e).strip().splitlines()[0])
+    return f"{e.full_key}: {text}" if getattr(e, "full_key", None) else text

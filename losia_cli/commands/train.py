@@ -7,7 +7,7 @@ from pathlib import Path
 
 from losia_cli.commands.common import add_recipes_option, command_parser, print_error
 from losia_cli.commands.console import console
-from losia_cli.compose import is_config_file, load_config, resolved, sweep_words
+from losia_cli.compose import is_config_file, load_config, sweep_words
 from losia_cli.errors import LosiaError, UsageError, cannot_write
 from losia_cli.resources import recipes_dir
 
@@ -90,7 +90,7 @@ class SweepJob:
     def run(self, cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from losia_cli.config import validate
+        from losia_cli.config import resolved, validate
         from losia_cli.engine.rundir import default_run_name
 
         hc = HydraConfig.get()
