@@ -29,9 +29,10 @@ test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
 # The tests that compare floats reached by different paths, alone: CI reruns them with MKL_CBWR and
-# OMP_NUM_THREADS set to other values (see .ci/run).
+# OMP_NUM_THREADS set to other values (see .ci/run). Not the slow multi-process ones (8 minutes; their
+# launched workers run with one thread and compare in fp64): `make test` runs those once.
 test-numeric: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -q -m numeric
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "numeric and not slow"
 
 # The long run of the fuzzer (tests/test_fuzz.py; `make test` runs its fast slice): FUZZ_CASES cases
 # over overrides, data files and run dirs, then a summary of what failed, one repro per cause.
