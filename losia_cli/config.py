@@ -206,7 +206,7 @@ class DistConfig(Section):
             raise ValueError("dist=single runs one process; use dist=ddp (or fsdp, zero2, zero3) "
                              "with dist.num_processes > 1")
         if self.machine_rank >= self.num_machines:
-            raise ValueError(f"machine_rank {self.machine_rank} must be < num_machines {self.num_machines}")
+            raise ValueError(f"dist.machine_rank={self.machine_rank} must be < dist.num_machines={self.num_machines}")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("set dist.main_process_ip (the first node's address) when num_machines > 1")
         if self.offload and not self.deepspeed:
