@@ -128,6 +128,18 @@ def test_bad_override_is_one_line_naming_it(capsys, monkeypatch, word, message):
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
 
 
+def test_a_name_with_a_newline_or_escape_stays_one_line(capsys, tmp_path, monkeypatch):
+    # A one-file config whose name holds a newline and an ANSI escape: the message quotes the name
+    # escaped, on one line, with no raw escape byte reaching the terminal.
+    monkeypatch.chdir(tmp_path)
+    name = "my\nx\x1b[2J.yaml"
+    (tmp_path / name).write_text("defaults: [nope]\n")
+    code, out, err = run(capsys, "recipes", "validate", name)
+    assert code == 2 and "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "my\\nx\\x1b[2J.yaml" in lines[0] and "\x1b" not in err, err
+
+
 def test_schema_keeps_the_values_it_should_take():
     """The checks above refuse only what is wrong: hub kernels, eager, group sweeps still pass."""
     cfg = load_config(["model.attn_implementation=kernels-community/flash-attn", "seed=0", "train.eps=1e-12"])

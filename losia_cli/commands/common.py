@@ -9,9 +9,13 @@ from pathlib import Path
 
 
 def print_error(message: str) -> None:
-    """The one line a user mistake gets (bold red `error:` on a terminal)."""
+    """The one line a user mistake gets (bold red `error:` on a terminal).
+
+    A message quotes what the user gave (a file name, a value); a newline or escape code in it is shown
+    escaped, as repr() writes it, so the message stays one line and cannot drive the terminal."""
     label = "\033[1;31merror:\033[0m" if sys.stderr.isatty() else "error:"
-    print(label, message, file=sys.stderr)
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    print(label, line, file=sys.stderr)
 
 
 def command_parser(subparsers, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:
