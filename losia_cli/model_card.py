@@ -22,6 +22,8 @@ PACKAGED_BASES = {"package:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 
 def _read(path: Path, loader):
     """A run record, or None when the run has not written it (e.g. no eval yet)."""
+    if not path.is_file():  # a link to a device or a FIFO would be read without end: taken as absent
+        return None
     try:
         return loader(path.read_text())
     except (OSError, ValueError, yaml.YAMLError):

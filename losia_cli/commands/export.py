@@ -6,6 +6,7 @@ from pathlib import Path
 
 from losia_cli.commands.common import command_parser
 from losia_cli.commands.console import console
+from losia_cli.errors import UsageError
 
 EXAMPLES = """\
 examples:
@@ -31,6 +32,11 @@ def run(args) -> int:
     from losia_cli.export import export_gguf
     from losia_cli.model_card import write_model_card
 
+    out, target = args.out, Path(args.target)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UsageError(f"--out {out}: not a regular file; give the path of a file to write")
+    if (target / "config.yaml").exists() and out.resolve().is_relative_to(target.resolve()):
+        raise UsageError(f"--out {out}: inside the run dir it exports ({target}); write it elsewhere")
     model, tokenizer, identity, _ = load_target(str(args.target))
     result = export_gguf(model, tokenizer, args.out, outtype=args.outtype, name=Path(args.target).name,
                          force=args.force)

@@ -145,9 +145,10 @@ def write_manifest(ckpt: Path) -> None:
 
 def damage(ckpt: Path) -> str | None:
     """Why the checkpoint dir `ckpt` cannot be trusted (a missing, truncated or altered file), or None.
-    One without a manifest was written before checkpoints had one: it is taken as it is."""
+    One without a manifest was written before checkpoints had one: it is taken as it is, if it holds
+    its trainer state at all (an emptied dir does not)."""
     if not (ckpt / MANIFEST).exists():
-        return None
+        return None if (ckpt / "trainer_state.json").is_file() else "trainer_state.json is missing"
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):

@@ -75,6 +75,13 @@ def check(cfg: RunConfig) -> None:
     """The run dir's refusals, before a model loads: a finished run to resume, a resume path that is
     not a checkpoint, a dir that may not be started over. Writes nothing."""
     run_dir = cfg.run_dir()
+    if cfg.run.resume:
+        # A resumed run rewrites these in place: one that is a link or not a regular file is refused
+        # now, before a record is truncated (replacing it would swap a device or a link for a file).
+        for name in ("config.yaml", "metrics.jsonl", "subnets.jsonl"):
+            path = run_dir / name
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise ConfigError(f"run.resume: {path} is not a regular file; a resumed run rewrites it")
     if cfg.run.resume == "auto":
         if (run_dir / "report.json").is_file():
             raise ConfigError(f"run.resume=auto: {run_dir} has finished already (it has report.json)")

@@ -112,6 +112,12 @@ ISSUE_CASES = [
     *((command, ("final/config.json", "empty", None), None) for command in ("merge", "eval", "export", "chat")),
     ("merge", ("config.yaml", "none", None), 0),  # merge RUN --out . --force
     ("resume", ("checkpoints", "delete", None), None),  # resume=auto with no checkpoint left
+    # found by the long run (`make fuzz FUZZ_CASES=2000`)
+    ("merge", ("report.json", "link-to-dev-zero", None), None),  # the model card read it without end
+    ("resume", ("checkpoints/step-1", "empty", None), None),  # an emptied checkpoint without a manifest
+    ("resume", ("config.yaml", "link-to-dev-zero", None), None),  # metrics.jsonl cut before the refusal
+    ("export", ("checkpoints", "dangling-link", None), 0),  # export --out . --force: named neither
+    ("export", ("checkpoints", "dangling-link", None), 3),  # export --out RUN/config.yaml: wrote into RUN
 ]
 
 # --out values that point back into the input, or at the working dir: the run must stay as it was.
