@@ -22,17 +22,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/losia train
 
+# Two pytest workers (pytest-xdist), each taking a whole test file at a time (module fixtures run once):
+# much of the suite is process start-up and small single-threaded ops, so two streams use both cores.
+# Under them every process runs one thread (tests/conftest.py) unless OMP_NUM_THREADS is set.
+PYTEST = $(OFFLINE) $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The tests that compare floats reached by different paths, alone: CI reruns them with MKL_CBWR and
 # OMP_NUM_THREADS set to other values (see .ci/run). Not the slow multi-process ones (8 minutes; their
 # launched workers run with one thread and compare in fp64): `make test` runs those once.
 test-numeric: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest -q -m "numeric and not slow"
+	$(PYTEST) -m "numeric and not slow"
 
 # The long run of the fuzzer (tests/test_fuzz.py; `make test` runs its fast slice): FUZZ_CASES cases
 # over overrides, data files and run dirs, then a summary of what failed, one repro per cause.

@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under `make test`'s two xdist workers, one thread per process (and per CLI process a test launches):
+# two workers at two threads each would oversubscribe two cores. No result depends on it (the float
+# comparisons are exact or fp64, see NUMERIC); CI's reruns set OMP_NUM_THREADS themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 
