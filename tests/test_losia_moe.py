@@ -32,7 +32,7 @@ def moves_of(records: list[dict]) -> list[tuple]:
 @pytest.mark.parametrize(("family", "name", "cfg"), [
     ("mixtral", "losia", {}), ("mixtral", "losia_pro", {}), ("qwen3_moe", "losia_pro", {}),
     ("mixtral", "losia_pro", {"dense_extras": "all"}),  # the 3-D expert parameters stay out of the dense group
-])
+], ids=["mixtral-losia", "mixtral-losia_pro", "qwen3_moe-losia_pro", "mixtral-losia_pro-dense_extras"])
 def test_expert_blocks_match_the_independent_reference(family, name, cfg):
     """Same blocks at every re-localization and the same weights after 12 steps as reference_losia,
     whose experts are the model's own (transformers' eager experts loop, gradient into the 3-D
@@ -95,3 +95,17 @@ def test_merged_weights_differ_from_the_base_only_inside_the_recorded_blocks():
         changed_experts += int(key.endswith(("gate_up_proj", "down_proj")) and changed.any())
     assert changed_experts == 4  # both expert parameters of both layers trained
     assert {r["expert"] for r in records if "expert" in r} == set(range(8))
+
+
+def test_an_expert_never_scored_in_its_slot_keeps_its_block():
+    """An expert the router sent no token during its whole scoring slot has no score (zero): its block
+    stays and no move is recorded (selecting from zeros would pick the first rows and columns)."""
+    records = []
+    model, method = build(tiny_moe, records=records, name="losia_pro")
+    target = next(t for t in method.targets if t.expert == 3)
+    rows, cols = target.module.rows.clone(), target.module.cols.clone()
+    assert target.module.scorer is not None and not target.module.scorer.score().any()
+    before = len(records)
+    method._relocalize(target, step=2)
+    assert torch.equal(target.module.rows, rows) and torch.equal(target.module.cols, cols)
+    assert len(records) == before and target.module.scorer is None
