@@ -40,6 +40,7 @@ def test_expert_blocks_match_the_independent_reference(family, name, cfg):
     model_fn = functools.partial(tiny_moe, family)
     records = []
     model, method = build(model_fn, total_steps=50, records=records, name=name, dtype=torch.float64, **cfg)
+    assert all(p.dim() < 3 for p in method.extras)  # no expert stack in the dense group (nor trainable)
     train(model, method, make_optimizer(method), range(STEPS))
     state = method.export(model).state_dict()
     reference = model_fn().to(torch.float64)
