@@ -64,6 +64,27 @@ def _packaged_gguf(name: str) -> Path:
     return Path(found.submodule_search_locations[0]) / spec.gguf_file
 
 
+# Part of the conversion cache's key: a change to what the conversion writes makes a new dir.
+CONVERSION = "-split2"
+
+
+def _restore_split(tokenizer, gguf: Path):
+    """The pre-tokenizer (split before merges) that transformers' GGUF reader does not know. It knows
+    the Split regexes (Llama-3, Qwen2, ...) but not llama.cpp's `smollm`, SmolLM / SmolLM2's: digits one
+    by one, then GPT-2's split; without it "2024" would merge into "202" "4" where SmolLM2 (and llama.cpp
+    reading the same file) has "2" "0" "2" "4"."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.pre")
+    if field is not None and field.contents() == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    return tokenizer
+
+
 def _convert_gguf(gguf: Path) -> Path:
     """A plain HF dir for a GGUF file, converted once and cached (keyed by file identity)."""
     import transformers
@@ -73,7 +94,7 @@ def _convert_gguf(gguf: Path) -> Path:
     key = hashlib.sha256(
         f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}{CONVERSION}"
     if (out / "config.json").exists():
         return out
     print(f"converting {gguf.name} to a cached Hugging Face dir (once, ~20 s): {out}", file=sys.stderr)
@@ -85,7 +106,7 @@ def _convert_gguf(gguf: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = _restore_split(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf)
     with atomic.directory(out, shared=True) as tmp:  # a half-converted dir is never picked up
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -34,6 +34,16 @@ class Block:
     cols: torch.Tensor
     value: torch.Tensor  # W[R, C], the tensor the optimizer steps
     slot: int
+    expert: int | None = None  # the expert's index when `weight` is a 3-D expert parameter
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (out, in) matrix the block sits in: W, or expert e's W[e]."""
+        return self.weight if self.expert is None else self.weight[self.expert]
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.weight.grad if self.expert is None else self.weight.grad[self.expert]
 
 
 class HFAdamW:
@@ -123,34 +133,52 @@ def train_reference(
     seed: int = 1,
     adamw: str = "torch",
     ema_betas=(0.85, 0.85),
-) -> list[tuple[int, str, list[int], list[int]]]:
-    """Train `model` in place; returns the block moves as (step, module, rows, cols)."""
+) -> list[tuple[int, str, int | None, list[int], list[int]]]:
+    """Train `model` in place; returns the block moves as (step, weight, expert, rows, cols).
+
+    Mixture-of-experts (Mixtral / Qwen3-MoE `mlp.experts`, 3-D gate_up_proj and down_proj): a block per
+    expert; an expert the router sent no token in a step gets no gradient step and no score, and one
+    never scored in its slot keeps its block."""
     head = model.get_output_embeddings()
-    found = [
-        (name, mod) for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and mod is not head and name.split(".")[-1] in PROJECTIONS
-    ]
+    found = []  # (weight name, parameter, expert or None), in module order; the head last
+    hits: dict[int, set[int]] = {}  # id(experts module) -> experts that got tokens this step
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod is not head and name.split(".")[-1] in PROJECTIONS:
+            found.append((f"{name}.weight", mod.weight, None))
+        elif name.endswith("mlp.experts"):
+            for param in ("gate_up_proj", "down_proj"):
+                stack = getattr(mod, param)
+                found += [(f"{name}.{param}", stack, e) for e in range(stack.shape[0])]
+            mod.register_forward_hook(
+                lambda module, args, out: hits.setdefault(id(module), set()).update(args[1].flatten().tolist()))
     if lm_head_rows > 0:
-        found.append(("lm_head", head))
-    layer = {
-        name: -1 if mod is head else int(re.search(r"layers\.(\d+)\.", name).group(1)) for name, mod in found
-    }
+        found.append(("lm_head.weight", head.weight, None))
+    layer = {name: -1 if name == "lm_head.weight" else int(re.search(r"layers\.(\d+)\.", name).group(1))
+             for name, _, _ in found}
     slot_of = {lay: i for i, lay in enumerate(sorted(set(layer.values())))}
     num_slots = len(slot_of)
+    stack_of = {id(getattr(mod, param)): id(mod) for name, mod in model.named_modules()
+                if name.endswith("mlp.experts") for param in ("gate_up_proj", "down_proj")}
 
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     blocks = []
-    for name, mod in found:
-        m, n = mod.weight.shape
-        k_rows = max(1, math.floor((lm_head_rows if mod is head else p) * m + 1e-9))
-        k_cols = n if mod is head else max(1, math.floor(p * n + 1e-9))
+    for name, weight, expert in found:
+        matrix = weight if expert is None else weight[expert]
+        m, n = matrix.shape
+        is_head = name == "lm_head.weight"
+        k_rows = max(1, math.floor((lm_head_rows if is_head else p) * m + 1e-9))
+        k_cols = n if is_head else max(1, math.floor(p * n + 1e-9))
         rows = torch.sort(torch.randperm(m, generator=generator)[:k_rows]).values
         cols = torch.sort(torch.randperm(n, generator=generator)[:k_cols]).values
-        mod.weight.requires_grad_(True)
-        value = mod.weight.detach()[rows][:, cols].clone()
-        blocks.append(Block(name, mod.weight, rows, cols, value, slot_of[layer[name]]))
-    moved = [(0, b.name, b.rows.tolist(), b.cols.tolist()) for b in blocks]
+        weight.requires_grad_(True)
+        value = matrix.detach()[rows][:, cols].clone()
+        blocks.append(Block(name, weight, rows, cols, value, slot_of[layer[name]], expert))
+    moved = [(0, b.name, b.expert, b.rows.tolist(), b.cols.tolist()) for b in blocks]
+
+    def routed(b: Block) -> bool:
+        """Whether the block's matrix saw tokens this step (always, for a dense layer)."""
+        return b.expert is None or b.expert in hits.get(stack_of[id(b.weight)], ())
 
     weights = {id(b.weight) for b in blocks}
     if dense_extras == "all":
@@ -183,18 +211,21 @@ def train_reference(
         slot_lr = [lr * rewarm_factor(t, restarts[s], period, total_steps, warmup, rho, adamw == "hf")
                    for s in range(num_slots)]
         extras_lr = lr * base_lr_factor(t, total_steps, warmup, rho)
+        hits.clear()
         for micro in range(grad_accum):
             ids = batch(t, micro)
             (model(input_ids=ids, labels=ids).loss / grad_accum).backward()
         with torch.no_grad():
             for b in blocks:
-                b.value.grad = b.weight.grad[b.rows][:, b.cols].clone()
+                if not routed(b):  # an idle expert: no gradient (AdamW skips it), no score
+                    continue
+                b.value.grad = b.grad[b.rows][:, b.cols].clone()
                 if b.slot in scoring:  # EMAs from the step's full gradient and the pre-update W
-                    i_t = importance(b.weight, b.weight.grad)
-                    ibar, ubar = ema.get(b.name, (torch.zeros_like(i_t), torch.zeros_like(i_t)))
+                    i_t = importance(b.matrix, b.grad)
+                    ibar, ubar = ema.get((b.name, b.expert), (torch.zeros_like(i_t), torch.zeros_like(i_t)))
                     ibar = ema_betas[0] * ibar + (1 - ema_betas[0]) * i_t
                     ubar = ema_betas[1] * ubar + (1 - ema_betas[1]) * (i_t - ibar).abs()
-                    ema[b.name] = (ibar, ubar)
+                    ema[(b.name, b.expert)] = (ibar, ubar)
             if adamw == "hf":
                 for s, opt in enumerate(slot_opts):
                     opt.step(slot_lr[s], weight_decay)
@@ -208,15 +239,16 @@ def train_reference(
             model.zero_grad(set_to_none=True)
             for b in blocks:
                 b.value.grad = None
-                b.weight[b.rows[:, None], b.cols] = b.value
+                b.matrix[b.rows[:, None], b.cols] = b.value
             if (t + 1) % period:
                 continue
             for s in scoring:
                 for b in (b for b in blocks if b.slot == s):
-                    ibar, ubar = ema.pop(b.name)
-                    b.rows, b.cols = select(ibar * ubar, len(b.rows), len(b.cols))
-                    b.value.copy_(b.weight[b.rows][:, b.cols])
-                    moved.append((t + 1, b.name, b.rows.tolist(), b.cols.tolist()))
+                    if (b.name, b.expert) in ema:  # else never scored (an idle expert): the block stays
+                        ibar, ubar = ema.pop((b.name, b.expert))
+                        b.rows, b.cols = select(ibar * ubar, len(b.rows), len(b.cols))
+                        b.value.copy_(b.matrix[b.rows][:, b.cols])
+                        moved.append((t + 1, b.name, b.expert, b.rows.tolist(), b.cols.tolist()))
                     if adamw != "hf":
                         optimizer.state.pop(b.value, None)
                 if adamw == "hf":

@@ -113,6 +113,19 @@ def test_smollm2_runs_in_llama_cpp(smollm2_dir, tmp_path, outtype):
         assert agreed >= decided_prefix, (relative, decided_prefix, agreed)
 
 
+def test_packaged_smollm2_keeps_its_digit_split(smollm2_dir):
+    """package:smollm2-135m is a GGUF that transformers converts, and its reader does not know llama.cpp's
+    `smollm` split (digits one by one): the converted tokenizer gives the ids llama.cpp gives reading
+    the packaged file itself, digits included (without the fix "1234567" merges into "123" "456" "7")."""
+    from losia_cli.models import _packaged_gguf
+
+    llm = llama_cpp.Llama(model_path=str(_packaged_gguf("smollm2-135m")), vocab_only=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    for text in (*TEXTS, "In 2024, 3.14159 and 1,000,000"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+
+
 def test_the_names_list_is_llama_cpp_s(bpe_llama_dir, tmp_path, monkeypatch):
     """llama_cpp_names.json is what this llama.cpp accepts: every pre-tokenizer listed loads, a name
     not listed (`gpt2`, which the first exporter wrote) and an unknown architecture do not."""

@@ -21,7 +21,7 @@ def ours(name: str, model_fn, grad_accum: int = 1, steps: int = STEPS, dtype=tor
     model, method = build(model_fn, total_steps=50, records=records, name=name, dtype=dtype, **cfg)
     train(model, method, make_optimizer(method), range(steps), grad_accum)
     method.finalize(model)
-    moves = sorted((r["step"], r["module"].removesuffix(".weight"), r["rows"], r["cols"]) for r in records)
+    moves = sorted((r["step"], r["module"], r.get("expert"), r["rows"], r["cols"]) for r in records)
     return method.export(model).state_dict(), moves
 
 

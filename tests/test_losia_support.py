@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
     LlamaConfig,
@@ -67,6 +69,20 @@ def tiny_qwen2(layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_moe(family: str = "mixtral", layers: int = 2, seed: int = 0):
+    """A mixture-of-experts model (Mixtral / Qwen3-MoE: 3-D expert parameters, transformers 5). Eight
+    experts and one per token, so that in most steps some expert gets no token."""
+    torch.manual_seed(seed)
+    experts = {"mixtral": {"num_local_experts": 8}, "qwen3_moe": {"num_experts": 8, "moe_intermediate_size": 16}}
+    config = AutoConfig.for_model(
+        family, vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        num_experts_per_tok=1, **experts[family],
+        experts_implementation="eager",  # transformers' own loop; its grouped_mm takes no fp64
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 MODELS = {"llama": tiny_llama, "gemma": tiny_gemma, "qwen2": tiny_qwen2}

@@ -119,6 +119,18 @@ def test_occupancy_weights_blocks_by_how_long_they_trained():
     np.testing.assert_allclose(cols, [0.75, 0.0, 0.25])
 
 
+def test_occupancy_keeps_each_experts_matrix_apart():
+    """Records of a 3-D expert parameter carry the expert: expert 1's block at step 0 is not the
+    predecessor of expert 0's at step 0."""
+    def rec(expert, rows):
+        return {"step": 0, "layer": 0, "module": "model.layers.0.mlp.experts.down_proj", "expert": expert,
+                "shape": [2, 2], "rows": rows, "cols": [0]}
+
+    occ = occupancy([rec(0, [0]), rec(1, [1])], end_step=4)
+    np.testing.assert_allclose(occ["mlp.experts.down_proj.0"][0][0], [1.0, 0.0])
+    np.testing.assert_allclose(occ["mlp.experts.down_proj.1"][0][0], [0.0, 1.0])
+
+
 def test_non_losia_run_skips_subnet_figures(tmp_path):
     run, _ = write_run(tmp_path, "lora-run", method="lora")
     build_report([run])

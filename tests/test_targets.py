@@ -1,6 +1,6 @@
 """Targets that fit the model: every method's default is each linear map inside the decoder blocks,
 whatever the architecture names it; routers and the head are left out, MoE experts are trained by LoRA
-and refused by LoSiA; what trains and what is left out (and why) is in the method's account."""
+(peft's target_parameters) and by LoSiA (a block per expert); what trains and what is left out (and why) is in the method's account."""
 
 from __future__ import annotations
 
@@ -74,23 +74,45 @@ def test_losia_trains_the_fused_conv1d_and_falcon_maps_by_default(family, name):
     assert [item["kind"] for item in account["left_out"]] == ["lm_head"]
 
 
-def test_losia_leaves_moe_experts_and_routers_out_and_says_why():
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_losia_trains_a_block_per_expert_and_leaves_routers_out(family):
     method = LosiaMethod(LosiaConfig())
-    method.prepare(tiny("mixtral"), ctx())
+    method.prepare(tiny(family), ctx())
     account = method.describe()["targets"]
-    assert account["kinds"] == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
+    assert account["kinds"] == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2,
+                                "experts.gate_up_proj": 2, "experts.down_proj": 2}
+    assert account["matrices"] == 8 + 2 * 2 * 4  # an expert stack counts once per expert
+    assert account["params"] == sum(t.module.sub.numel() for t in method.targets)
     why = {item["kind"]: item["why"] for item in account["left_out"]}
-    assert "no per-expert subnet" in why["experts.gate_up_proj"] and "router" in why["gate"]
-    line = describe_line(account)
-    assert line.startswith("trains q_proj, k_proj, v_proj, o_proj (8 matrices); left out: gate x2 - MoE router")
-    assert "; experts.down_proj x2 - MoE expert weights (3-D): losia_pro has no per-expert subnet yet, " in line
+    assert list(why) == ["gate", "lm_head"] and "router" in why["gate"]
+    experts = [(t.key, t.expert, t.layer) for t in method.targets if t.expert is not None]
+    assert experts[:5] == [("model.layers.0.mlp.experts.gate_up_proj", e, 0) for e in range(4)] + [
+        ("model.layers.0.mlp.experts.down_proj", 0, 0)]
 
 
 @pytest.mark.parametrize("targets", [["experts"], ["gate_up_proj"], r".*experts.*"])
-def test_losia_refuses_named_experts_in_one_line(targets):
-    with pytest.raises(ConfigError, match=r"method.target_modules names model.layers.0.mlp.experts.gate_up_proj: "
-                                          r"MoE expert weights \(3-D\): losia_pro has no per-expert subnet"):
-        LosiaMethod(LosiaConfig(target_modules=targets)).prepare(tiny("mixtral"), ctx())
+def test_losia_refuses_named_experts_it_cannot_train_in_one_line(targets):
+    """Named experts of another layout (here: with biases) are refused; by default they are left out
+    with the reason."""
+    model = tiny("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts.has_bias = True
+    with pytest.raises(ConfigError, match=r"^method.target_modules names model.layers.0.mlp.experts.gate_up_proj: "
+                                          r"MixtralExperts is not the gate_up_proj/down_proj expert layout"):
+        LosiaMethod(LosiaConfig(target_modules=targets)).prepare(model, ctx())
+    method = LosiaMethod(LosiaConfig())
+    method.prepare(model, ctx())
+    why = {item["kind"]: item["why"] for item in method.describe()["targets"]["left_out"]}
+    assert "is not the gate_up_proj/down_proj expert layout" in why["experts.down_proj"]
+
+
+def test_losia_trains_experts_in_one_process_only():
+    from types import SimpleNamespace
+
+    two = TrainContext(schedule=WarmupCosine(2), total_steps=2, dist=SimpleNamespace(world_size=2))
+    with pytest.raises(ConfigError, match=r"^method.target_modules names model.layers.0.mlp.experts.down_proj: "
+                                          r"MoE expert weights \(3-D\): losia_pro trains them in a single process"):
+        LosiaMethod(LosiaConfig(target_modules=["down_proj"])).prepare(tiny("mixtral"), two)
 
 
 def test_explicit_targets_still_override():

@@ -104,11 +104,11 @@ def occupancy(subnets: list[dict], end_step: int) -> dict[str, dict[int, tuple[n
     A record's block trains from its `step` until the next record of the same matrix (or the run's
     end), so the shares weight each selection by how long it was trained, not by how often it was drawn.
     """
-    by_module: dict[str, list[dict]] = {}
-    for r in subnets:
-        by_module.setdefault(r["module"], []).append(r)
+    by_module: dict[tuple[str, int | None], list[dict]] = {}
+    for r in subnets:  # an expert's matrix of a 3-D expert parameter is a matrix of its own
+        by_module.setdefault((r["module"], r.get("expert")), []).append(r)
     out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-    for name, records in by_module.items():
+    for (name, expert), records in by_module.items():
         records.sort(key=lambda r: r["step"])  # stable: a later line at the same step replaces an earlier
         m, n = records[-1]["shape"]
         rows, cols = np.zeros(m), np.zeros(n)
@@ -119,7 +119,8 @@ def occupancy(subnets: list[dict], end_step: int) -> dict[str, dict[int, tuple[n
             rows[r["rows"]] += weight
             cols[r["cols"]] += weight
         total = max(total, 1)
-        out.setdefault(module_kind(name), {})[records[-1].get("layer", 0)] = (rows / total, cols / total)
+        kind = module_kind(name) if expert is None else f"{module_kind(name)}.{expert}"
+        out.setdefault(kind, {})[records[-1].get("layer", 0)] = (rows / total, cols / total)
     return out
 
 

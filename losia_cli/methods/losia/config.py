@@ -22,9 +22,10 @@ class LosiaConfig:
 
     target_modules: list[str] | str | None = None
     """Linears to subnet-train. null: every linear map inside the decoder blocks (fused qkv/gate_up and
-    GPT-2's Conv1D included; not MoE routers, experts or the output head). A list matches a module name or
-    its dotted suffix (like PEFT); a str is a regex that must match the whole qualified module name;
-    "all-linear" is every nn.Linear/Conv1D except the output head."""
+    GPT-2's Conv1D included; not MoE routers or the output head) and the 3-D expert parameters of a
+    mixture-of-experts block, a block per expert. A list matches a module name (or an expert parameter,
+    e.g. experts.down_proj) or its dotted suffix (like PEFT); a str is a regex that must match the whole
+    qualified name; "all-linear" is every nn.Linear/Conv1D except the output head."""
 
     rank_factor: float = 0.125
     """p: the block keeps floor(p*m) rows and floor(p*n) columns of an m x n weight (at least 1 each)."""

@@ -113,6 +113,7 @@ class Scorer:
         self.ibar = torch.zeros(shape, dtype=dtype, device=device)
         self.ubar = torch.zeros(shape, dtype=dtype, device=device)
         self.weight: torch.Tensor | None = None  # the weight the step's forward used (set by the layer)
+        self.fed = False  # whether a forward ran in scoring mode since the last update (an idle expert's did not)
 
     @torch.no_grad()
     def update(self, weight: torch.Tensor | None = None, *, compiled: bool | None = None) -> None:
@@ -126,6 +127,7 @@ class Scorer:
             compiled = compile_by_default(self.grad_acc.device)
         if not (compiled and _step_compiled(args, self.kind, self.beta1, self.beta2)):
             ema_step_(*args, self.kind, self.beta1, self.beta2)
+        self.fed = False
 
     def score(self) -> torch.Tensor:
         return self.ibar * self.ubar

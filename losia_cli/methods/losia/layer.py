@@ -17,11 +17,18 @@ Modes (`mode`):
   dense    (non-Pro)  the same function, but backward forms the dense weight gradient and slices it
                       (keeps the full X, as a plain linear does);
   scoring             the layer's scoring slot: the full weight gradient also goes into the scorer.
+
+Mixture-of-experts (`SubnetExperts`): transformers 5 keeps a block's experts as 3-D parameters (one
+(out, in) matrix per expert). Each expert's matrix is a `SubnetLinear` of its own over a view of the 3-D
+parameter, with its own block, `sub` and scorer; the experts' loop calls only the experts that received
+tokens, so an idle expert's `sub` gets no gradient (AdamW skips it: no update, no decay) and its scorer
+is not fed (no score for that step).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +53,10 @@ class SubnetLinear(nn.Module):
         delta: bool = False,
     ):
         super().__init__()
-        if not is_linear(base):
+        if not (is_linear(base) or isinstance(base, ExpertMatrix)):
             raise TypeError(f"SubnetLinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}")
         self.transposed = is_conv1d(base)
-        self.weight = base.weight
+        self.weight = base.weight  # an expert's view is a plain attribute: the 3-D parameter stays its module's
         self.weight.requires_grad_(False)
         self.register_parameter("bias", base.bias)
         device = self.weight.device
@@ -100,7 +107,10 @@ class SubnetLinear(nn.Module):
             # W itself still holds that at on_step (start_scoring points the scorer at it); in the
             # delta form W lacks the trained block, so the scorer keeps this copy.
             self.scorer.weight = self._effective(weight.detach())
-        grad_acc = None if self.scorer is None else self.scorer.grad_acc
+        grad_acc = None
+        if self.scorer is not None:
+            grad_acc = self.scorer.grad_acc
+            self.scorer.fed = True
         return subnet_linear(x, weight, self.sub, self.rows, self.cols, self.bias, grad_acc, self.delta,
                              dense=not self.pro)
 
@@ -173,6 +183,74 @@ class SubnetLinear(nn.Module):
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
+
+
+class ExpertMatrix(NamedTuple):
+    """One expert's (out, in) matrix of a 3-D expert parameter, as SubnetLinear takes it: a view."""
+
+    weight: torch.Tensor
+    bias: None = None
+
+
+# transformers' expert layout the loop below reproduces (`use_experts_implementation`'s defaults).
+EXPERT_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                 "has_post_expert_norm": False}
+
+
+def expert_layout_why(experts: nn.Module) -> str | None:
+    """Why `SubnetExperts` cannot stand for this experts module (another layout), or None."""
+    params = {name for name, p in experts.named_parameters(recurse=False) if p.dim() == 3}
+    other = {key: getattr(experts, key) for key, value in EXPERT_LAYOUT.items()
+             if getattr(experts, key, value) != value}
+    if params != {"gate_up_proj", "down_proj"} or other or not hasattr(experts, "act_fn"):
+        return (f"{type(experts).__name__} is not the gate_up_proj/down_proj expert layout of Mixtral and "
+                f"Qwen3-MoE{' (' + str(other) + ')' if other else ''}")
+    return None
+
+
+class SubnetExperts(nn.Module):
+    """An experts module (Mixtral / Qwen3-MoE: 3-D gate_up_proj and down_proj) whose targeted parameters
+    train a block per expert (`subnets[param][e]`). The 3-D parameters stay registered under their own
+    names, so the state dict keeps the model's keys plus each expert's sub, rows and cols.
+
+    The forward is transformers' eager experts loop (modeling_mixtral.MixtralExperts.forward) with each
+    expert's matmul going through its SubnetLinear; whatever `config.experts_implementation` says, the
+    loop is what lets an idle expert stay out of the graph.
+    """
+
+    def __init__(self, base: nn.Module, subnets: dict[str, list[SubnetLinear]]):
+        super().__init__()
+        self.num_experts = base.num_experts
+        self.act_fn = base.act_fn
+        self.gate_up_proj = base.gate_up_proj
+        self.down_proj = base.down_proj
+        self.subnets = nn.ModuleDict({name: nn.ModuleList(layers) for name, layers in subnets.items()})
+        self.base = [base]  # the module `to_plain` gives back (a list: not a submodule, no duplicate keys)
+
+    def _linear(self, param: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if param in self.subnets:
+            return self.subnets[param][expert](x)
+        return F.linear(x, getattr(self, param)[expert])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in expert_hit.flatten().tolist():
+            if expert == self.num_experts:  # the slot of tokens routed nowhere (expert parallelism)
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            gate, up = self._linear("gate_up_proj", expert, hidden_states[token_idx]).chunk(2, dim=-1)
+            current = self._linear("down_proj", expert, self.act_fn(gate) * up)
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    def to_plain(self) -> nn.Module:
+        """The original experts module; its 3-D parameters are these (they hold the trained blocks)."""
+        return self.base[0]
 
 
 def _store_shard(param: torch.Tensor, full: torch.Tensor) -> None:

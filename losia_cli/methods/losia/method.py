@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +20,16 @@ from torch import nn
 from losia_cli.errors import ConfigError
 from losia_cli.methods.base import DeviceTimer, Method, TrainContext
 from losia_cli.methods.targets import (
-    account, candidates, is_conv1d, is_linear, matches, named_experts, output_head,
+    Candidate, account, candidates, is_conv1d, is_linear, matches, output_head,
 )
 
 from .config import LosiaConfig
-from .layer import SubnetLinear
+from .layer import ExpertMatrix, SubnetExperts, SubnetLinear, expert_layout_why
 from .schedule import Rewarm, SlotSchedule, layer_index
 from .selection import magnitude_block, random_block, select_block
 from .tied import route_tied_embedding
 
 LM_HEAD_LAYER = -1  # the `layer` logged for the output head
-EXPERTS_WHY = "MoE expert weights (3-D): {method} has no per-expert subnet yet, method=lora trains them"
 HEAD_WHY = "output head (method.lm_head_rows trains it)"
 
 
@@ -42,6 +42,8 @@ class Target:
     slot: int
     layer: int  # decoder-layer index, LM_HEAD_LAYER for the output head
     p: float  # the rank factor the block size came from
+    key: str  # the weight's state-dict key (subnets.jsonl's `module`)
+    expert: int | None = None  # the expert's index in a 3-D expert parameter
 
 
 def block_shape(m: int, n: int, cfg: LosiaConfig, is_head: bool) -> tuple[int, int, float]:
@@ -89,6 +91,8 @@ class LosiaMethod(Method):
         self.has_extras = False  # whether a dense-extras param group follows the slot groups
         self.scoring: list[Target] = []  # the targets in scoring mode now
         self.scoring_slots: set[int] | None = None  # their slots (None: not set up yet)
+        self.experts: dict[str, SubnetExperts] = {}  # the wrapped experts modules, by name
+        self.experts_why: str | None = None  # why the default left the experts out
 
     # --- building -----------------------------------------------------------------------------
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
@@ -107,14 +111,13 @@ class LosiaMethod(Method):
             chosen = {c.name for c in weights if c.role == "linear"}
             found = [(name, mod) for name, mod in model.named_modules() if name in chosen]
         else:
-            if named := named_experts(weights, cfg.target_modules):  # refused, not skipped
-                raise ConfigError(f"method.target_modules names {named}: {EXPERTS_WHY.format(method=self.name)}")
             found = [(name, mod) for name, mod in model.named_modules() if self._is_target(name, mod, head)]
+        experts = self._expert_targets(model, weights)
         if cfg.lm_head_rows > 0:
             if not isinstance(head, nn.Linear):
                 raise ConfigError("lm_head_rows > 0 needs an nn.Linear output head (get_output_embeddings())")
             found.append((next(name for name, module in model.named_modules() if module is head), head))
-        if not found:
+        if not found and not experts:
             if cfg.target_modules is None:
                 raise ConfigError("no linear map found in the model's decoder blocks: name the targets in "
                                   "method.target_modules")
@@ -122,6 +125,7 @@ class LosiaMethod(Method):
 
         block_of = {c.name: c.block for c in weights}
         layers = {name: LM_HEAD_LAYER if mod is head else self._layer(name, block_of) for name, mod in found}
+        layers.update({c.name: self._layer(c.name, block_of) for c in experts})
         unplaced = [name for name, layer in layers.items() if layer is None]
         if unplaced:
             where = ("sit in no decoder block" if cfg.slot_pattern is None
@@ -134,18 +138,22 @@ class LosiaMethod(Method):
         # get no slot, so no time slot idles.
         slot_of = {layer: slot for slot, layer in enumerate(sorted(set(layers.values())))}
 
-        generator = torch.Generator().manual_seed(ctx.seed)  # same initial blocks on every rank
+        # Initial blocks are drawn target by target in module order (an expert parameter's experts in
+        # index order), the output head last, from a generator seeded by the run seed: the same on every rank.
+        generator = torch.Generator().manual_seed(ctx.seed)
+        linears = {name: mod for name, mod in found if mod is not head}
+        params_of: dict[str, list[str]] = {}  # experts module -> its targeted 3-D parameters
+        for c in experts:
+            module_name, param = c.name.rsplit(".", 1)
+            params_of.setdefault(module_name, []).append(param)
+        for name, module in list(model.named_modules()):
+            if name in linears:
+                self._wrap(model, name, module, slot_of[layers[name]], layers[name], generator)
+            elif name in params_of:
+                self._wrap_experts(model, name, module, params_of[name], slot_of, layers, generator)
         for name, module in found:
-            weight = module.weight.t() if is_conv1d(module) else module.weight
-            m, n = weight.shape
-            k_rows, k_cols, p = block_shape(m, n, cfg, module is head)
-            if cfg.init == "magnitude":
-                rows, cols = magnitude_block(weight, k_rows, k_cols)
-            else:
-                rows, cols = random_block(m, n, k_rows, k_cols, generator)
-            wrapped = SubnetLinear(module, rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub, delta=self.delta)
-            model.set_submodule(name, wrapped)
-            self.targets.append(Target(name, wrapped, slot_of[layers[name]], layers[name], p))
+            if module is head:
+                self._wrap(model, name, module, slot_of[LM_HEAD_LAYER], LM_HEAD_LAYER, generator)
 
         self.slots = [[t for t in self.targets if t.slot == slot] for slot in range(len(slot_of))]
         head_target = next((t for t in self.targets if t.layer == LM_HEAD_LAYER), None)
@@ -174,6 +182,62 @@ class LosiaMethod(Method):
             extra["period"] = period
         return cls.config_class(name=name, **extra)
 
+    def _block(self, weight: torch.Tensor, is_head: bool, generator: torch.Generator):
+        """(rows, cols, p) of the initial block of an (out, in) weight."""
+        m, n = weight.shape
+        k_rows, k_cols, p = block_shape(m, n, self.cfg, is_head)
+        if self.cfg.init == "magnitude":
+            return *magnitude_block(weight, k_rows, k_cols), p
+        return *random_block(m, n, k_rows, k_cols, generator), p
+
+    def _wrap(self, model: nn.Module, name: str, module: nn.Module, slot: int, layer: int,
+              generator: torch.Generator) -> None:
+        weight = module.weight.t() if is_conv1d(module) else module.weight
+        rows, cols, p = self._block(weight, layer == LM_HEAD_LAYER, generator)
+        cfg = self.cfg
+        wrapped = SubnetLinear(module, rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub, delta=self.delta)
+        model.set_submodule(name, wrapped)
+        self.targets.append(Target(name, wrapped, slot, layer, p, f"{name}.weight"))
+
+    def _wrap_experts(self, model: nn.Module, name: str, module: nn.Module, params: list[str],
+                      slot_of: dict[int, int], layers: dict[str, int], generator: torch.Generator) -> None:
+        """One SubnetLinear per expert of each targeted 3-D parameter, in a SubnetExperts in place of `module`."""
+        cfg = self.cfg
+        subnets = {}
+        for param in params:
+            key, stack = f"{name}.{param}", getattr(module, param).detach()
+            layer = layers[key]
+            subnets[param] = []
+            for expert in range(stack.shape[0]):
+                rows, cols, p = self._block(stack[expert], False, generator)
+                wrapped = SubnetLinear(ExpertMatrix(stack[expert]), rows, cols, pro=cfg.use_pro, fp32_sub=cfg.fp32_sub)
+                subnets[param].append(wrapped)
+                path = f"{name}.subnets.{param}.{expert}"
+                self.targets.append(Target(path, wrapped, slot_of[layer], layer, p, key, expert))
+        self.experts[name] = SubnetExperts(module, subnets)
+        model.set_submodule(name, self.experts[name])
+
+    def _expert_targets(self, model: nn.Module, weights: list[Candidate]) -> list[Candidate]:
+        """The 3-D expert parameters to train a block per expert in: every one by default, those
+        `target_modules` names (the parameter or its module) otherwise. Named ones this run cannot train
+        are refused; default ones are left out, with the reason in the account (`experts_why`)."""
+        targets = self.cfg.target_modules
+        if targets == "all-linear":  # linear modules only
+            return []
+        chosen = [c for c in weights if c.role == "experts" and (
+            targets is None or matches(c.name, targets) or matches(c.name.rsplit(".", 1)[0], targets))]
+        modules = dict(model.named_modules())
+        for c in chosen:
+            why = expert_layout_why(modules[c.name.rsplit(".", 1)[0]])
+            if self.ctx.sharded_weights or self.ctx.dist.world_size > 1:
+                why = f"MoE expert weights (3-D): {self.name} trains them in a single process only (dist=none)"
+            if why and targets is not None:
+                raise ConfigError(f"method.target_modules names {c.name}: {why}")
+            if why:
+                self.experts_why = why
+                return []
+        return chosen
+
     def _is_target(self, name: str, module: nn.Module, head: nn.Module | None) -> bool:
         return module is not head and is_linear(module) and matches(name, self.cfg.target_modules)
 
@@ -195,6 +259,7 @@ class LosiaMethod(Method):
         if policy == "none":
             return []
         subnet_tensors = {id(tensor) for t in self.targets for tensor in (t.module.weight, t.module.sub)}
+        subnet_tensors |= {id(getattr(wrapper, param)) for wrapper in self.experts.values() for param in wrapper.subnets}
         if policy == "norms":
             candidates = [
                 param
@@ -260,7 +325,8 @@ class LosiaMethod(Method):
             self.ctx.dist.all_reduce_sum(scorer.grad_acc)
             if self.ctx.dist.world_size > 1:
                 scorer.grad_acc.div_(self.ctx.dist.world_size)
-            scorer.update()
+            if scorer.fed:  # an expert that received no tokens this step gets no score
+                scorer.update()
         if not self.delta:
             for t in self.targets:
                 t.module.write_through()
@@ -294,6 +360,10 @@ class LosiaMethod(Method):
         module = target.module
         score = module.scorer.score()
         k_rows, k_cols = module.sub.shape
+        total = float(score.sum())
+        if total == 0:  # nothing reached it while it scored (an idle expert): the block stays
+            module.stop_scoring()
+            return
         rows, cols, mass = select_block(score, k_rows, k_cols, self.cfg.selection)
         if self.ctx.dist.world_size > 1:
             # Every rank scores the same all-reduced gradient and selects deterministically, so
@@ -303,12 +373,10 @@ class LosiaMethod(Method):
             if not torch.equal(agreed, chosen):
                 self.rank_disagreements += 1
                 rows, cols = agreed[:k_rows], agreed[k_rows:]
-        total = float(score.sum())
         overlap = block_overlap(module.rows, module.cols, rows, cols)
         module.move_block(rows, cols)
         module.stop_scoring()  # frees the EMAs
-        share = mass / total if total > 0 else 0.0
-        self._log(target, step=step + 1, score_mass=share, overlap=overlap, source="score")
+        self._log(target, step=step + 1, score_mass=mass / total, overlap=overlap, source="score")
 
     def _set_scoring(self, step: int) -> None:
         """Put exactly the slots that score during update `step` into scoring mode. A slot whose
@@ -334,21 +402,21 @@ class LosiaMethod(Method):
         if not self.ctx.records.listening:
             return
         module = target.module
-        self.ctx.records.write(
-            "subnets",
-            {
-                "step": step,
-                "layer": target.layer,
-                "slot": target.slot,
-                "module": f"{target.name}.weight",
-                "shape": [module.out_features, module.in_features],
-                "rows": module.rows.tolist(),
-                "cols": module.cols.tolist(),
-                "score_mass": score_mass,
-                "overlap_prev": overlap,
-                "source": source,
-            }
-        )
+        record = {
+            "step": step,
+            "layer": target.layer,
+            "slot": target.slot,
+            "module": target.key,
+            "shape": [module.out_features, module.in_features],
+            "rows": module.rows.tolist(),
+            "cols": module.cols.tolist(),
+            "score_mass": score_mass,
+            "overlap_prev": overlap,
+            "source": source,
+        }
+        if target.expert is not None:  # one (out, in) matrix of a 3-D expert parameter
+            record["expert"] = target.expert
+        self.ctx.records.write("subnets", record)
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -398,11 +466,15 @@ class LosiaMethod(Method):
         # Copy the module tree only: tensors and the wrappers themselves map to the originals.
         memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
         memo.update({id(t.module): t.module for t in self.targets})
+        memo.update({id(wrapper): wrapper for wrapper in self.experts.values()})
         plain = copy.deepcopy(model, memo)
         if self.tied_hook is not None:  # the copy's embedding is a plain lookup again
             plain.get_input_embeddings()._forward_hooks.pop(self.tied_hook.id)
         for t in self.targets:
-            plain.set_submodule(t.name, t.module.to_plain())
+            if t.expert is None:
+                plain.set_submodule(t.name, t.module.to_plain())
+        for name, wrapper in self.experts.items():
+            plain.set_submodule(name, wrapper.to_plain())
         return plain
 
     def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
@@ -439,8 +511,11 @@ class LosiaMethod(Method):
         return info
 
     def target_account(self) -> dict:
-        trained = {t.name: t.module.sub.numel() for t in self.targets}
-        info = account(self.candidates, trained, {"experts": EXPERTS_WHY.format(method=self.name), "head": HEAD_WHY})
+        trained = Counter()
+        for t in self.targets:  # an expert parameter is one candidate: its experts' blocks summed
+            trained[t.name if t.expert is None else t.key] += t.module.sub.numel()
+        why = {"head": HEAD_WHY, "experts": self.experts_why or "MoE expert weights, not in method.target_modules"}
+        info = account(self.candidates, dict(trained), why)
         if self.cfg.dense_extras != "none":
             info["note"] = f"plus dense {self.cfg.dense_extras} ({sum(p.numel() for p in self.extras):,} params)"
         return info
