@@ -23,11 +23,28 @@ from torch.distributed.tensor import DTensor
 from losia_cli.methods.base import DeviceTimer, Method
 
 
+def predicting_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The logits of every position but the last (which predicts no label), contiguous.
+
+    The output head is given those positions only (a pre-hook drops the last hidden state), so its
+    output flattens for the loss as a view. Slicing the whole logits instead and flattening them
+    copied a (batch, seq, vocab) tensor: 200 MB at SmolLM2's 49k vocabulary, micro-batch 4, 256
+    tokens, alive at the step's peak. The rows are the same, so the loss is the same sum."""
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP / DeepSpeed wrap in .module
+    if head is None:
+        return model(**inputs, use_cache=False).logits[:, :-1]
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1], *args[1:]))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens (labels != -100)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
+    """Summed next-token cross-entropy over target tokens (labels != -100), from the logits of every
+    position but the last (predicting_logits). fp32 for the log-softmax: a no-op for fp32 logits, a
+    copy under bf16 (the precision the loss needs, as transformers' own loss does)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
 def build_optimizer(method: Method, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -51,10 +68,16 @@ class StepDriver:
     max_grad_norm: float | None = None  # None: no clipping
     autocast: Any = field(default_factory=contextlib.nullcontext)
     method_timer: DeviceTimer | None = None  # times method.on_step; default: on the model's device
+    # Seconds per part of the step (forward, backward, optimizer) when given (`losia bench`): one
+    # DeviceTimer each, so on CUDA no host sync is added.
+    part_timers: dict[str, DeviceTimer] | None = None
 
     def __post_init__(self):
         if self.method_timer is None:
             self.method_timer = DeviceTimer(next(self.model.parameters()).device)
+
+    def _part(self, name: str):
+        return self.part_timers[name].section() if self.part_timers else contextlib.nullcontext()
 
     @property
     def method_time_s(self) -> float:
@@ -76,11 +99,13 @@ class StepDriver:
             inputs = dict(batch)
             labels = inputs.pop("labels")
             with self._accumulate(), self.autocast:
-                loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
-                if self.accelerator is None:
-                    (loss * scale).backward()
-                else:
-                    self.accelerator.backward(loss * scale)
+                with self._part("forward"):
+                    loss = token_loss_sum(predicting_logits(self.model, inputs), labels)
+                with self._part("backward"):
+                    if self.accelerator is None:
+                        (loss * scale).backward()
+                    else:
+                        self.accelerator.backward(loss * scale)
             loss_sum += loss.detach()
         return loss_sum
 
@@ -89,10 +114,11 @@ class StepDriver:
         (a tensor on the device: reading it is a host sync, left to whoever logs it)."""
         grad_norm = None
         if self.optimizer is not None:
-            if self.max_grad_norm is not None:
-                grad_norm = self._clip()
-            (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
-            (self.stepper or self.optimizer).zero_grad(set_to_none=True)
+            with self._part("optimizer"):
+                if self.max_grad_norm is not None:
+                    grad_norm = self._clip()
+                (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
+                (self.stepper or self.optimizer).zero_grad(set_to_none=True)
         with self.method_timer.section():
             self.method.on_step(step, self.optimizer)
         return grad_norm
