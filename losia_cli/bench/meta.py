@@ -124,8 +124,7 @@ def _linears(net: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
 def analytic_flops(net: nn.Module, name: str, batch: int, seq: int) -> int | None:
     """Matmul FLOPs of one step from closed formulas (N = B*T tokens, 2 FLOPs per multiply-add):
 
-    floor      4N * sum(mn)   [forward X W^T and backward G W for every linear, output head included,
-                              which reads N - B tokens: the last position predicts no label]
+    floor      4N * sum(mn)   [forward X W^T and backward G W for every linear, output head included]
                + 14 B heads T^2 d per layer  [fused causal attention as FlopCounterMode counts it: 2 GEMMs
                                               forward, 5 backward (scores recomputed), full T^2]
     full       floor + 2N * sum(mn)              (every weight gradient)
@@ -147,13 +146,11 @@ def analytic_flops(net: nn.Module, name: str, batch: int, seq: int) -> int | Non
     attention = 14 * batch * heads * seq * seq * head_dim * cfg.num_hidden_layers
     linears = _linears(net)
     all_mn = sum(m * n for _, _, m, n in linears)
-    head = net.get_output_embeddings()
-    head_mn = head.weight.numel() if isinstance(head, nn.Linear) else 0
-    floor = 4 * n_tok * all_mn - 4 * batch * head_mn + attention
+    floor = 4 * n_tok * all_mn + attention
     if name == "floor":
         return floor
     if name == "full":
-        return floor + 2 * n_tok * all_mn - 2 * batch * head_mn
+        return floor + 2 * n_tok * all_mn
     first = [(m, n) for lname, _, m, n in linears if _reads_embeddings(lname)]
     base = floor - 2 * n_tok * sum(m * n for m, n in first)
     if name in ("lora", "lora_bf16", "pissa"):

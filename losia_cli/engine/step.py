@@ -23,28 +23,11 @@ from torch.distributed.tensor import DTensor
 from losia_cli.methods.base import DeviceTimer, Method
 
 
-def predicting_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """The logits of every position but the last (which predicts no label), contiguous.
-
-    The output head is given those positions only (a pre-hook drops the last hidden state), so its
-    output flattens for the loss as a view. Slicing the whole logits instead and flattening them
-    copied a (batch, seq, vocab) tensor: 200 MB at SmolLM2's 49k vocabulary, micro-batch 4, 256
-    tokens, alive at the step's peak. The rows are the same, so the loss is the same sum."""
-    head = getattr(model, "module", model).get_output_embeddings()  # DDP / DeepSpeed wrap in .module
-    if head is None:
-        return model(**inputs, use_cache=False).logits[:, :-1]
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1], *args[1:]))
-    try:
-        return model(**inputs, use_cache=False).logits
-    finally:
-        handle.remove()
-
-
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens (labels != -100), from the logits of every
-    position but the last (predicting_logits). fp32 for the log-softmax: a no-op for fp32 logits, a
-    copy under bf16 (the precision the loss needs, as transformers' own loss does)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    """Summed next-token cross-entropy over target tokens (labels != -100)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
 
 
 def build_optimizer(method: Method, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -100,7 +83,7 @@ class StepDriver:
             labels = inputs.pop("labels")
             with self._accumulate(), self.autocast:
                 with self._part("forward"):
-                    loss = token_loss_sum(predicting_logits(self.model, inputs), labels)
+                    loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
                 with self._part("backward"):
                     if self.accelerator is None:
                         (loss * scale).backward()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from losia_cli.engine.step import predicting_logits, token_loss_sum
+from losia_cli.engine.step import token_loss_sum
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def mean_target_loss(model, data, collate, batch_size: int, n: int | None = None
         rows = [data[j] for j in range(start, min(n, start + batch_size))]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         labels = batch.pop("labels")
-        loss = token_loss_sum(predicting_logits(model, batch), labels)
+        loss = token_loss_sum(model(**batch, use_cache=False).logits, labels)
         if i < len(mine):
             sums += torch.stack([loss.double(), (labels[:, 1:] != -100).sum().double()])
     if world > 1:
