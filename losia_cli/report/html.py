@@ -8,6 +8,7 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
+from losia_cli.engine.memory import PARTS
 from losia_cli.report.runs import Run, summary
 
 CSS = """
@@ -127,7 +128,7 @@ def _data_rows(run: Run) -> list[list[str]]:
     return rows
 
 
-MEMORY_PARTS = ("runtime", "parameters", "gradients", "optimizer_state", "method_buffers", "activations", "rest")
+MEMORY_PARTS = (*PARTS, "rest")
 
 
 def _memory_rows(runs: list[Run]) -> list[list[str]]:
