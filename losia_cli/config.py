@@ -101,6 +101,10 @@ class TrainConfig(Section):
     """Stop after this many validations without a new best validation loss; null: never stop early."""
     num_threads: int | None = Field(None, gt=0)
     """CPU intra-op threads; null = torch default."""
+    memory_profile: bool = False
+    """CUDA only: record the allocator's history over the first 3 steps and write it to the run dir as
+    memory_snapshot.pickle (drag it into https://pytorch.org/memory_viz). report.json's
+    memory_breakdown is written for every run without it."""
 
     @model_validator(mode="after")
     def _length(self):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from losia_cli.bench import BenchError, run_bench
+from losia_cli.bench import BenchError, run_bench, timing_table
 from losia_cli.cli import build_parser
 from losia_cli.errors import UsageError
 
@@ -50,6 +50,12 @@ def test_run_bench_micro_fields_and_ratios():
     assert 2 * 4 * full["trainable_params"] <= full["optimizer_state_bytes"] < 2 * 4 * full["trainable_params"] + 4096
     assert full["grad_bytes"] == 4 * full["trainable_params"]
     assert 0 < lora["trainable_params"] < full["trainable_params"]
+    for name, r in results.items():  # time per part of the step
+        parts = r["part_times_s"]
+        assert parts["forward"] > 0 and parts["backward"] > 0, name
+        assert (parts["optimizer"] > 0) == (name != "floor"), name
+        assert (parts.get("write_through", 0) > 0) == (name == "losia_pro"), name  # delta: no W written per step
+    assert "| method | forward | backward | optimizer |" in timing_table(report)
     if "losia_pro" in results:  # parameter parity with LoRA at the same rank (method doc 3.2)
         assert results["losia_pro"]["trainable_params"] == pytest.approx(lora["trainable_params"], rel=0.2)
         # The delta form trains the same blocks; only when W is written differs.

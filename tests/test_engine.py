@@ -228,13 +228,13 @@ def test_peak_memory_is_per_run():
     fresh process, so that no memory an earlier test left resident hides the drop."""
     program = """
 import torch
-from losia_cli.engine.loop import peak_memory, reset_peak_memory
+from losia_cli.engine.memory import peak, reset_peak
 cpu = torch.device("cpu")
 big = torch.ones(64 * 2**20)  # 256 MiB, touched
 del big
-before = peak_memory(cpu)
-reset_peak_memory(cpu)
-print(before, peak_memory(cpu))
+before = peak(cpu)
+reset_peak(cpu)
+print(before, peak(cpu))
 """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -19,9 +19,13 @@ Memory, per method:
   it omits allocator slack and transient workspaces (logits upcast, GEMM scratch).
 - CUDA: `cuda_peak_allocated_bytes` / `cuda_peak_reserved_bytes` over warmup + 2 steps, measured with
   only that method's model alive (a sequential pass before the timed phase when interleaving).
-- CPU: `rss_peak_delta_bytes`: ru_maxrss growth of a spawned child process that builds the model and
-  runs warmup + 2 steps for that method alone (ru_maxrss is a process high-water mark and cannot be
-  reset, so in one process it would only show the largest method).
+- CPU: `rss_peak_delta_bytes`: peak-RSS growth (engine/memory.py's definition of peak memory) of a
+  spawned child process that builds the model and runs warmup + 2 steps for that method alone (a
+  fresh process per method, so no allocator state of another method hides its growth).
+
+Time per part of the step (`part_times_s`, printed under the main table): forward (with the loss),
+backward, optimizer (clip, step, zero_grad), and `on_step`: LoSiA's scorer update, write-through,
+relocalization, the rest (method_other), each on the device's clock (methods/base.py DeviceTimer).
 
 `--plot PNG` draws the report (step time with p95, peak memory, ratios to floor and LoRA);
 `--from JSON` re-prints and re-plots a saved report without running anything.
@@ -160,6 +164,7 @@ def _start(name: str, spec: dict, data, say, fresh_peak: bool) -> Runner:
     runner.step(account=True)
     for _ in range(spec["warmup"] - 1):
         runner.step()
+    runner.start_parts()
     return runner
 
 
@@ -178,6 +183,7 @@ def _finish(runner: Runner, out: dict, tokens: int, cuda_peak: bool) -> None:
     out.update(step_times_s=times, median_step_s=statistics.median(times), p95_step_s=percentile(times, 95),
                mean_step_s=statistics.fmean(times))
     out["tokens_per_s"] = tokens / out["median_step_s"]
+    out["part_times_s"] = runner.part_times()
     out["mfu"] = model_flops_utilisation(runner.device, out["total_params"], out["tokens_per_s"], world=1)
     runner.close()
 

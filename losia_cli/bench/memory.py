@@ -1,16 +1,18 @@
-"""Peak memory of one method measured alone: CUDA peak allocated in this process, or on CPU the
-peak-RSS growth of a spawned child process (ru_maxrss cannot be reset within one process)."""
+"""Peak memory of one method measured alone, as engine/memory.py defines it: CUDA peak allocated in
+this process, or on CPU the peak-RSS growth of a spawned child process. The child is not needed to
+reset the peak (engine/memory.reset_peak does that) but to start each method from a fresh allocator:
+memory an earlier method freed and glibc kept would be reused and hide this method's growth."""
 
 from __future__ import annotations
 
 import gc
 import multiprocessing
-import resource
 
 import torch
 
 from losia_cli.bench.runner import Runner, make_method
 from losia_cli.bench.shapes import Batch, make_batch, vocab_size
+from losia_cli.engine import memory
 
 def free(device: torch.device) -> None:
     gc.collect()
@@ -38,15 +40,17 @@ def cuda_memory_pass(name: str, spec: dict, batch: Batch) -> dict:
 
 
 def _rss_child(name: str, spec: dict) -> int:
-    """Runs in a spawned process: ru_maxrss growth from just before the model is built (bytes)."""
+    """Runs in a spawned process: peak RSS growth from just before the model is built (bytes)."""
     torch.set_num_threads(spec["num_threads"])
     batch = make_batch(spec, vocab_size(spec["model"]))
     make_method(name, spec["lora_rank"], spec["rank_factor"], spec.get("period"))  # imports first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cpu = torch.device("cpu")
+    memory.reset_peak(cpu)  # the imports' own transient peak is not this method's
+    before = memory.current(cpu)
     runner = Runner(name, spec, batch)
     for _ in range(spec["warmup"] + 2):
         runner.step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
+    return memory.peak(cpu) - before
 
 
 def rss_pass(name: str, spec: dict) -> dict:

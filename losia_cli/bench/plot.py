@@ -36,7 +36,21 @@ def timing_table(report: dict) -> str:
     ]
     title = (f"{model} B{cfg['batch']}xT{cfg['seq']} {cfg['dtype']} on {meta['device']} "
              f"(peak = {meta['peak_memory_metric']})")
-    return "\n".join([title, "", *markdown(head, rows)])
+    return "\n".join([title, "", *markdown(head, rows), *_parts_table(results)])
+
+
+PARTS = ("forward", "backward", "optimizer", "scorer", "write_through", "relocalization", "method_other")
+
+
+def _parts_table(results: dict) -> list[str]:
+    """Mean seconds per step of each part (runner.part_times; reports from before it have none)."""
+    timed = {name: r["part_times_s"] for name, r in results.items() if r.get("part_times_s")}
+    if not timed:
+        return []
+    rows = [[name, *[f"{parts[k]:.4f}" if k in parts else "-" for k in PARTS], f"{sum(parts.values()):.4f}"]
+            for name, parts in timed.items()]
+    return ["", "mean seconds per step, by part (forward includes the loss; LoSiA's score accumulation runs "
+                "inside backward)", "", *markdown(["method", *PARTS, "sum"], rows)]
 
 
 _MEMORY_LABELS = {

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from losia_cli.bench.shapes import Batch, build_model
+from losia_cli.engine import memory
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.errors import BenchError
 from losia_cli.methods import Method, TrainContext, WarmupCosine, method_class, method_names
+from losia_cli.methods.base import DeviceTimer
 
 class FloorMethod(Method):
     """Lower bound of any PEFT method: all weights frozen, but the embedding output requires grad so
@@ -29,33 +31,13 @@ class FloorMethod(Method):
         return []
 
 
-def storage_id(t: torch.Tensor) -> int:
-    """Identity of a tensor's storage (views share it); works on meta, where every data_ptr is 0."""
-    return t.untyped_storage()._cdata
-
-
-def _tensor_bytes(obj, seen: set[int]) -> int:
-    """Bytes of the distinct tensor storages reachable from an optimizer-state value."""
-    if isinstance(obj, torch.Tensor):
-        if storage_id(obj) in seen:
-            return 0
-        seen.add(storage_id(obj))
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__"):  # e.g. GaLore's projector object holding its orthogonal matrix
-        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
-
-
 # losia_pro_delta: LoSiA-Pro in the delta form FSDP runs (W written only when a block moves), here in
 # one process, to price that form against write-through. lora_bf16: LoRA with its adapters in the
 # base dtype (peft upcasts them to fp32 by default, which costs activation memory and traffic).
 METHODS = ["floor", *method_names(), "lora_bf16", "losia_pro_delta"]
 LR, BETAS, EPS = 1e-5, (0.9, 0.999), 1e-8
 LONG_RUN = 10**6  # updates of the run a timed step is taken from
+LOSIA_PARTS = ("scorer", "write_through", "relocalization")  # LoSiA's on_step, each with its `{name}_timer`
 
 
 def make_method(name: str, lora_rank: int, rank_factor: float | None, period: int | None) -> Method:
@@ -93,11 +75,35 @@ class Runner:
         self.model.train()
         self.optimizer = build_optimizer(self.method, LR, 0.0, BETAS, EPS)
         self.driver = StepDriver(self.model, self.method, self.optimizer)
+        self.start_parts()
         self.batch = {"input_ids": batch.input_ids, "labels": batch.input_ids}
         self.scale = 1 / batch.n_targets  # the mean token loss
         self.step_index = 0
         self.times: list[float] = []
         self.memory: dict[str, int] = {}
+
+    def start_parts(self) -> None:
+        """Start timing the parts of the step anew (after the warmup steps)."""
+        self.driver.part_timers = {name: DeviceTimer(self.device) for name in ("forward", "backward", "optimizer")}
+        self.driver.method_timer = DeviceTimer(self.device)
+        for name in LOSIA_PARTS:
+            if hasattr(self.method, f"{name}_timer"):
+                setattr(self.method, f"{name}_timer", DeviceTimer(self.device))
+
+    def part_times(self) -> dict[str, float]:
+        """Mean seconds per timed step of each part: forward (with the loss), backward, optimizer
+        (clip, step, zero_grad), and method.on_step: for LoSiA split into scorer (the score's EMA
+        update; its gradient accumulation runs inside backward), write_through, relocalization and
+        the rest of on_step (method_other)."""
+        n = max(1, len(self.times))
+        parts = {name: timer.seconds / n for name, timer in self.driver.part_timers.items()}
+        method = self.driver.method_time_s / n
+        for name in LOSIA_PARTS:
+            if hasattr(self.method, f"{name}_timer"):
+                parts[name] = getattr(self.method, f"{name}_timer").seconds / n
+                method -= parts[name]
+        parts["method_other"] = method
+        return parts
 
     def step(self, account: bool = False) -> float:
         """One timed step; `account` also measures what it holds (memory: see the package doc)."""
@@ -117,40 +123,20 @@ class Runner:
         return elapsed
 
     def _accounted_forward_backward(self) -> None:
-        """Forward + backward while summing the unique storages autograd saves for backward, and the
-        gradients' bytes before the optimizer frees them."""
-        params = {storage_id(p) for p in self.model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            # Saved tensors stay alive until backward, so no storage id is reused meanwhile.
-            if storage_id(t) not in params:
-                seen[storage_id(t)] = t.untyped_storage().nbytes()
-            return t
-
-        # Tensors are packed only while the forward records them; backward unpacks (identity).
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        """Forward + backward counting what the forward saves for backward and the gradients' bytes
+        before the optimizer frees them (engine/memory.py: the engine's report counts the same)."""
+        account = memory.StepAccount(self.model)
+        with account.measuring():
             self.driver.forward_backward([self.batch], self.scale)
-        self.memory["activation_bytes"] = sum(seen.values())
-        self.memory["grad_bytes"] = sum(
-            p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None
-        )
+        self.memory["activation_bytes"] = account.activations
+        self.memory["grad_bytes"] = account.gradients
 
     def _account_state(self) -> None:
-        memory = self.memory
-        memory["optimizer_state_bytes"] = (
-            0 if self.optimizer is None else _tensor_bytes(list(self.optimizer.state.values()), set())
-        )
-        memory["param_bytes"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        memory["buffer_bytes"] = sum(b.numel() * b.element_size() for b in self.model.buffers())
-        # LoSiA's fp32 m x n gradient accumulator and two EMAs of the layer that scores now.
-        memory["scorer_bytes"] = sum(
-            t.numel() * t.element_size()
-            for m in self.model.modules() if getattr(m, "scorer", None) is not None
-            for t in m.scorer.state_dict().values()
-        )
+        state = memory.state_bytes(self.model, self.optimizer)
+        self.memory.update(param_bytes=state["parameters"], buffer_bytes=state["buffers"],
+                           scorer_bytes=state["scorers"], optimizer_state_bytes=state["optimizer_state"])
         parts = ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_state_bytes", "activation_bytes", "scorer_bytes")
-        memory["accounted_bytes"] = sum(memory[k] for k in parts)
+        self.memory["accounted_bytes"] = sum(self.memory[k] for k in parts)
 
     def close(self) -> None:
         self.model = self.optimizer = self.driver = self.method = None

@@ -11,8 +11,8 @@ all ranks), so gradient accumulation and data parallelism give the gradient of o
 
 from __future__ import annotations
 
+import contextlib
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from losia_cli import atomic
 from losia_cli.config import ConfigError, RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.data.tasks import load_chat_template
-from losia_cli.engine import checkpoint, rundir
+from losia_cli.engine import checkpoint, memory, rundir
 from losia_cli.engine.distributed import (
     AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
 )
@@ -72,6 +72,10 @@ class Run:
     lock: rundir.RunLock | None = None  # rank 0's hold on the run dir, released when train() ends
     stopped_early_at: int | None = None  # the step early stopping ended the run at
     last_targets: int = 0  # target tokens of the last step read back (metrics)
+    runtime_bytes: int = 0  # memory held before the model was loaded (engine/memory.py)
+    # What the first step of this process saved for backward and its gradients; the state after it.
+    step_account: memory.StepAccount | None = None
+    state_bytes: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -113,11 +117,15 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible")
+    if tc.memory_profile and not (tc.device != "cpu" and torch.cuda.is_available()):
+        raise ConfigError("train.memory_profile=true records the CUDA allocator; this run is on CPU "
+                          "(report.json's memory_breakdown covers CPU runs)")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     # Autocast is ours (StepDriver), not Accelerator(mixed_precision=...): accelerate's state is a
     # process-wide singleton that refuses a second run with another precision (sweeps, tests).
     accelerator = make_accelerator(cfg)
+    memory.reset_peak(accelerator.device)  # report.json's peak is the whole run's, loading included
     main, world = accelerator.is_main_process, accelerator.num_processes
     cfg = rundir.name_run(cfg)
     if main:
@@ -133,6 +141,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
         val = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split="val")
     collate = make_collator(cfg.data, tokenizer)
     set_seed(cfg.seed)
+    runtime_bytes = memory.current(accelerator.device)
     # On its device before the method wraps it: LoSiA allocates its score buffers next to W.
     model = load_model(cfg.model, model_path).to(accelerator.device)
     model.config.use_cache = False
@@ -166,7 +175,8 @@ def setup(cfg: RunConfig, console: Console) -> Run:
                   collate=collate, total_steps=total_steps,
                   save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
                   schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model),
-                  driver=driver, grad_sync=count_grad_sync_bytes(model), dist=ctx.dist, lock=lock)
+                  driver=driver, grad_sync=count_grad_sync_bytes(model), dist=ctx.dist, lock=lock,
+                  runtime_bytes=runtime_bytes)
         if resume_from:
             state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
             run.start_step = state["step"]
@@ -241,7 +251,8 @@ def run_steps(run: Run) -> None:
     cfg, tc, device = run.cfg, run.cfg.train, run.device
     progress = TrainProgress(run.console, run.total_steps, run.start_step, enabled=run.main)
     run.wall0 = time.perf_counter()
-    reset_peak_memory(device)
+    run.step_account = memory.StepAccount(run.unwrapped)
+    snapshot = memory.Snapshot(run.run_dir / "memory_snapshot.pickle") if tc.memory_profile and run.main else None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss sum, [targets, inputs]) since the last sync
     window0 = time.perf_counter()
     with StopRequest().listening() as stop:
@@ -259,9 +270,15 @@ def run_steps(run: Run) -> None:
             # the gradient is the mean over the step's target tokens. On the device: no host sync.
             scale = tc.grad_accum * run.world / counts[0].clamp(min=1)
             batches = ({k: v.to(device) for k, v in b.items()} for b in micro)
-            loss_sum, grad_norm = run.driver.step(step, batches, scale)
+            first = step == run.start_step  # accounted: what it saves for backward, its gradients
+            with run.step_account.measuring() if first else contextlib.nullcontext():
+                loss_sum, grad_norm = run.driver.step(step, batches, scale)
+            if first:
+                run.state_bytes = memory.state_bytes(run.unwrapped, run.optimizer)
             pending.append((loss_sum, counts))
             done = step + 1
+            if snapshot:
+                snapshot.after_step(done - run.start_step, done == run.total_steps)
             logged = done % tc.log_every == 0 or done == run.total_steps
             saved = bool(run.save_every) and done % run.save_every == 0 and done < run.total_steps
             validating = _validation_due(run, done)
@@ -321,7 +338,7 @@ def _metrics(run: Run, step: int, grad_norm: torch.Tensor | None) -> dict:
         "target_tokens": run.last_targets,
         "step_time_s": step_time,
         "tokens_per_s": tokens / step_time,
-        "peak_mem_bytes": peak_memory(run.device),
+        "peak_mem_bytes": memory.peak(run.device),
         "epoch": (done * tc.grad_accum - 1) // run.micro_per_epoch,
     }
 
@@ -389,7 +406,9 @@ def _report(run: Run, in_sync: bool) -> dict:
         "step_time_s": {"p50": timings["p50"], "p95": timings["p95"]},
         "tokens_per_s": timings["tokens_per_s"],
         "mfu": model_flops_utilisation(device, summary["total_params"], timings["tokens_per_s"], run.world),
-        "peak_mem_bytes": peak_memory(device),
+        "peak_mem_bytes": memory.peak(device),
+        "memory_breakdown": memory.breakdown(memory.peak(device), run.runtime_bytes, run.state_bytes,
+                                             run.step_account),
         **run.method.report_extras(),
         "num_processes": run.world,
         "ranks_in_sync": in_sync,
@@ -407,25 +426,3 @@ def _report(run: Run, in_sync: bool) -> dict:
         "data": run.data.stats,
     }
 
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory measure (`losia compare` trains several runs in one process). On CPU
-    the kernel's peak RSS (VmHWM) is reset through /proc/self/clear_refs."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not allowed: peak_memory falls back to the process's high-water mark
-        pass
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes since reset_peak_memory: CUDA allocated, or the CPU process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(status.split("VmHWM:")[1].split()[0]) * 1024  # kB
-    except (OSError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

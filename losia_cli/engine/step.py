@@ -51,10 +51,16 @@ class StepDriver:
     max_grad_norm: float | None = None  # None: no clipping
     autocast: Any = field(default_factory=contextlib.nullcontext)
     method_timer: DeviceTimer | None = None  # times method.on_step; default: on the model's device
+    # Seconds per part of the step (forward, backward, optimizer) when given (`losia bench`): one
+    # DeviceTimer each, so on CUDA no host sync is added.
+    part_timers: dict[str, DeviceTimer] | None = None
 
     def __post_init__(self):
         if self.method_timer is None:
             self.method_timer = DeviceTimer(next(self.model.parameters()).device)
+
+    def _part(self, name: str):
+        return self.part_timers[name].section() if self.part_timers else contextlib.nullcontext()
 
     @property
     def method_time_s(self) -> float:
@@ -76,11 +82,13 @@ class StepDriver:
             inputs = dict(batch)
             labels = inputs.pop("labels")
             with self._accumulate(), self.autocast:
-                loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
-                if self.accelerator is None:
-                    (loss * scale).backward()
-                else:
-                    self.accelerator.backward(loss * scale)
+                with self._part("forward"):
+                    loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
+                with self._part("backward"):
+                    if self.accelerator is None:
+                        (loss * scale).backward()
+                    else:
+                        self.accelerator.backward(loss * scale)
             loss_sum += loss.detach()
         return loss_sum
 
@@ -89,10 +97,11 @@ class StepDriver:
         (a tensor on the device: reading it is a host sync, left to whoever logs it)."""
         grad_norm = None
         if self.optimizer is not None:
-            if self.max_grad_norm is not None:
-                grad_norm = self._clip()
-            (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
-            (self.stepper or self.optimizer).zero_grad(set_to_none=True)
+            with self._part("optimizer"):
+                if self.max_grad_norm is not None:
+                    grad_norm = self._clip()
+                (self.stepper or self.optimizer).step()  # under DeepSpeed a no-op: it stepped in backward
+                (self.stepper or self.optimizer).zero_grad(set_to_none=True)
         with self.method_timer.section():
             self.method.on_step(step, self.optimizer)
         return grad_norm

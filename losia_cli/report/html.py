@@ -8,6 +8,7 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
+from losia_cli.engine.memory import PARTS
 from losia_cli.report.runs import Run, summary
 
 CSS = """
@@ -127,6 +128,22 @@ def _data_rows(run: Run) -> list[list[str]]:
     return rows
 
 
+MEMORY_PARTS = (*PARTS, "rest")
+
+
+def _memory_rows(runs: list[Run]) -> list[list[str]]:
+    """report.json's memory breakdown (engine/memory.py): each part with its share of the peak."""
+    rows = []
+    for run in runs:
+        mem = (run.report or {}).get("memory_breakdown")
+        if not mem:
+            continue
+        peak = mem["measured_peak"] or 1
+        rows.append([run.label, _bytes(mem["measured_peak"]),
+                     *[f"{_bytes(mem[k])} ({100 * mem[k] / peak:.0f}%)" for k in MEMORY_PARTS]])
+    return rows
+
+
 def _image(path: Path, name: str, caption: str) -> str:
     data = base64.b64encode((path / name).read_bytes()).decode("ascii")
     return (f'<figure id="{escape(name)}"><img alt="{escape(name)}" src="data:image/png;base64,{data}">'
@@ -160,6 +177,12 @@ def render(runs: list[Run], single: bool, images: list[tuple[str, str]], image_d
              for r in curve_runs], "text")]
     if single and curve_runs and _data_rows(curve_runs[0]):
         parts += ["<h2>Data</h2>", _table(None, _data_rows(curve_runs[0]), "kv")]
+    if memory := _memory_rows(curve_runs):
+        parts += ["<h2>Memory at the peak</h2>",
+                  _table(["run", "peak", *[k.replace("_", " ") for k in MEMORY_PARTS]], memory),
+                  '<p class="note">runtime: held before the model was loaded (interpreter, libraries, data; '
+                  "CPU only); activations: tensors the first step saved for backward; rest: the peak minus "
+                  "the parts (the step's temporaries, allocator slack, model loading)</p>"]
     parts += [_evaluation(r) for r in runs if r.eval]
     parts += [_continual(r) for r in runs if r.continual]
     main = [(n, c) for n, c in images if not n.startswith(SUBNET_FIGURES)]

@@ -103,6 +103,9 @@ class LosiaMethod(Method):
         # FSDP shards W: write it only when a block moves (the delta form), not every step.
         self.delta = ctx.sharded_weights
         self.relocalization_timer = DeviceTimer(next(model.parameters()).device)
+        # The other parts of on_step, for `losia bench`'s per-part table.
+        self.scorer_timer = DeviceTimer(next(model.parameters()).device)
+        self.write_through_timer = DeviceTimer(next(model.parameters()).device)
         model.requires_grad_(False)
 
         head = output_head(model)
@@ -319,17 +322,19 @@ class LosiaMethod(Method):
                 f"LoSiA on_step(step={step}) but expected step={self.next_step}: call it once after every "
                 "optimizer.step(), with the number of updates taken before that one"
             )
-        for t in self.scoring:
-            scorer = t.module.scorer
-            # The score must see the global gradient (the DDP mean), before W moves.
-            self.ctx.dist.all_reduce_sum(scorer.grad_acc)
-            if self.ctx.dist.world_size > 1:
-                scorer.grad_acc.div_(self.ctx.dist.world_size)
-            if scorer.fed:  # an expert that received no tokens this step gets no score
-                scorer.update()
+        with self.scorer_timer.section():
+            for t in self.scoring:
+                scorer = t.module.scorer
+                # The score must see the global gradient (the DDP mean), before W moves.
+                self.ctx.dist.all_reduce_sum(scorer.grad_acc)
+                if self.ctx.dist.world_size > 1:
+                    scorer.grad_acc.div_(self.ctx.dist.world_size)
+                if scorer.fed:  # an expert that received no tokens this step gets no score
+                    scorer.update()
         if not self.delta:
-            for t in self.targets:
-                t.module.write_through()
+            with self.write_through_timer.section():
+                for t in self.targets:
+                    t.module.write_through()
         slots = self.slot_schedule.relocalizing_slots(step)
         if slots:
             with self.relocalization_timer.section():
