@@ -1,7 +1,8 @@
 """One optimizer step, the same wherever it is taken: the training loop, `losia bench` and the tests.
 
     set each param group's LR from method.lr_factors(step)
-    forward + backward of each micro-batch (summed target-token cross-entropy, times `scale`)
+    forward + backward of each micro-batch (summed target-token cross-entropy, or with a preference
+        `objective` the summed pair loss (engine/preference.py), times `scale`)
     clip, optimizer.step(), zero_grad()
     method.on_step(step, optimizer)
 
@@ -51,6 +52,7 @@ class StepDriver:
     max_grad_norm: float | None = None  # None: no clipping
     autocast: Any = field(default_factory=contextlib.nullcontext)
     method_timer: DeviceTimer | None = None  # times method.on_step; default: on the model's device
+    objective: Any = None  # engine/preference.Objective; None: the token loss (sft)
 
     def __post_init__(self):
         if self.method_timer is None:
@@ -74,9 +76,13 @@ class StepDriver:
         loss_sum = 0
         for batch in batches:
             inputs = dict(batch)
-            labels = inputs.pop("labels")
+            labels, reference = inputs.pop("labels"), inputs.pop("reference", None)
             with self._accumulate(), self.autocast:
-                loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
+                logits = self.model(**inputs, use_cache=False).logits
+                if self.objective is None:
+                    loss = token_loss_sum(logits, labels)
+                else:
+                    loss = self.objective.loss_sum(logits, labels, reference)
                 if self.accelerator is None:
                     (loss * scale).backward()
                 else:
