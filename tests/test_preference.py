@@ -322,3 +322,28 @@ def test_eval_scores_pairs_by_log_prob_margin(tiny_llama_dir, tmp_path):
     scores = loglikelihoods(model, tokenizer, pairs)
     margins = [scores[i] - scores[i + 1] for i in range(0, len(scores), 2)]
     assert result["metrics"]["acc"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+
+
+@pytest.mark.slow
+def test_ddp_dpo_matches_one_process(tiny_llama_dir, tmp_path):
+    """DPO under DDP (2 gloo processes x 2 pairs) trains what one process does with 4 pairs: the pair
+    loss is a mean over the step's pairs on every rank count. fp64, so only summation order differs."""
+    import subprocess
+    import sys
+
+    from test_losia_support import FP64_ATOL
+
+    args = [f"model.name_or_path={tiny_llama_dir}", "model.dtype=fp64", "data=preference_sample",
+            "data.max_length=64", "train.objective=dpo", "train.max_steps=3", "method=losia_pro",
+            "method.period=2", f"run.output_dir={tmp_path}"]
+    runs = {"single": ["train.micro_batch_size=4"],
+            "ddp": ["dist=ddp", "dist.num_processes=2", "train.micro_batch_size=2"]}
+    for name, extra in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "losia_cli.cli", "train", *args, *extra, f"run.name={name}"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    single, ddp = (load_file(str(next((tmp_path / n / "final").glob("*.safetensors")))) for n in runs)
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=FP64_ATOL, msg=key)
+    rows = {n: [r for r in _metrics(tmp_path / n) if "loss" in r] for n in runs}
+    assert [r["pref_accuracy"] for r in rows["ddp"]] == [r["pref_accuracy"] for r in rows["single"]]
