@@ -105,11 +105,37 @@ class TrainConfig(Section):
     """CUDA only: record the allocator's history over the first 3 steps and write it to the run dir as
     memory_snapshot.pickle (drag it into https://pytorch.org/memory_viz). report.json's
     memory_breakdown is written for every run without it."""
+    objective: Literal["sft", "dpo", "simpo"] = "sft"
+    """What the loss is: sft = next-token cross-entropy on the targets; dpo = Direct Preference
+    Optimization (sigmoid loss) on {prompt, chosen, rejected} pairs, against reference log-probs
+    computed once with the starting weights; simpo = SimPO, reference-free, on length-normalised
+    log-probs. dpo and simpo need a preference task (data.task=preference or preference_messages)."""
+    beta: float = Field(0.1, gt=0)
+    """dpo/simpo: inverse temperature of the implicit reward beta * log-prob (ratio); DPO ~0.1,
+    SimPO ~2.0."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo/simpo: conservative-DPO label smoothing, the assumed probability that a pair's preference
+    is flipped; 0 = plain sigmoid loss."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """simpo: target reward margin gamma (SimPO's paper: gamma / beta ~ 0.5)."""
 
     @model_validator(mode="after")
     def _length(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_knobs(self):
+        """A knob of another objective set off its default is a mistake, not a no-op (simpo_gamma
+        under dpo); defaults pass (`losia recipes cp` writes every field)."""
+        set_here = {k for k in ("beta", "label_smoothing", "simpo_gamma")
+                    if getattr(self, k) != type(self).model_fields[k].default}
+        applies = {"sft": set(), "dpo": {"beta", "label_smoothing"},
+                   "simpo": {"beta", "label_smoothing", "simpo_gamma"}}[self.objective]
+        stray = sorted(set_here - applies)
+        if stray:
+            raise ValueError(f"train.{stray[0]} does not apply to train.objective={self.objective}")
         return self
 
 
@@ -254,6 +280,9 @@ class RunConfig(Section):
         reason = method_class(method).unsupported_dist.get(dist)
         if reason:
             raise ValueError(reason.format(method=method, dist=dist))
+        if self.train.objective != "sft" and self.data.packing:
+            raise ValueError(f"data.packing: train.objective={self.train.objective} scores whole "
+                             "sequences and does not pack them; set data.packing=false")
         if self.train.save_every and dist == "zero3":
             raise ValueError("train.save_every: checkpoints under dist=zero3 are not supported yet; "
                              "use dist=fsdp, ddp or zero2 for resumable runs")

@@ -58,16 +58,21 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
     base_model = PACKAGED_BASES.get(base_model, base_model)
     data = config.get("data", {})
     data_text = ", ".join(f"{k}={data[k]}" for k in ("task", "source", "split") if data.get(k)) or "unknown"
+    train = config.get("train", {})
+    objective = train.get("objective") if train.get("objective", "sft") != "sft" else None  # preference tuning
     card_data = ModelCardData(
         base_model=base_model if base_model and not base_model.startswith(("package:", "/", ".")) else None,
         library_name=library,
-        tags=["losia", *([method, "fine-tuned"] if method else [])],
+        tags=["losia", *([method, "fine-tuned"] if method else []), *([objective] if objective else [])],
     )
     facts = [
         f"- **method**: {method or 'none (exported as loaded)'}",
         f"- **base model**: {base_model or 'unknown'}",
         f"- **data**: {data_text}",
     ]
+    if objective:
+        knobs = ("beta", "label_smoothing") + (("simpo_gamma",) if objective == "simpo" else ())
+        facts.append(f"- **objective**: {objective} (" + ", ".join(f"{k}={train.get(k)}" for k in knobs) + ")")
     if report:
         facts += [f"- **steps**: {report.get('total_steps')}",
                   f"- **final loss**: {report.get('final_loss'):.4f}" if report.get("final_loss") is not None

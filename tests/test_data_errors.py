@@ -132,7 +132,8 @@ def test_bundled_fixtures_are_all_used():
     used = {get_task(name).spec.sample for name in ("gsm8k", "metamathqa", "math", "magicoder", "codealpaca", "mbpp",
                                                      "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e",
                                                      "obqa", "commonsense170k", "alpaca", "chat", "sharegpt",
-                                                     "prompt_completion", "text")}
+                                                     "prompt_completion", "text", "preference",
+                                                     "preference_messages")}
     assert used == {p.name for p in samples_dir().iterdir()}
 
 

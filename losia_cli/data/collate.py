@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from losia_cli.data.config import DataConfig
+from losia_cli.data.dataset import resolve_task
 from losia_cli.data.tokenization import IGNORE, special_ids
 
 
@@ -40,7 +41,22 @@ def pack_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {**batch, "position_ids": position_ids}
 
 
+def pad_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one padded batch of 2B rows, the B chosen then the B rejected sides (one
+    forward for both, as TRL's trainers do), plus "reference": each row's reference log-prob when the
+    pairs carry one (engine/preference.py)."""
+    sides = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    sides += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+    batch = pad_batch(sides, pad_id)
+    if "reference" in examples[0]:
+        batch["reference"] = torch.tensor([e["reference"][side] for side in (0, 1) for e in examples],
+                                          dtype=torch.float64)
+    return batch
+
+
 def make_collator(cfg: DataConfig, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Collator matching build_dataset's output for this config; pads with the tokenizer's pad id
     (EOS when it has none; pads never carry loss, so pad == eos is harmless)."""
+    if resolve_task(cfg.components()[0][0]).kind == "preference":
+        return partial(pad_pairs, pad_id=special_ids(tokenizer).pad)
     return partial(pack_batch if cfg.packing else pad_batch, pad_id=special_ids(tokenizer).pad)

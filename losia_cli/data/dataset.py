@@ -23,12 +23,26 @@ Split = Literal["train", "val"]
 
 class TokenizedData(torch.utils.data.Dataset):
     """Examples {"input_ids": [...], "labels": [...]} (packed: plus "position_ids", restarting at 0
-    at every sample), stored as flat arrays + row offsets. `.stats` describes the build."""
+    at every sample), stored as flat arrays + row offsets. `.stats` describes the build.
+    Preference pairs also have "rejected_input_ids" and "rejected_labels" (the chosen side is
+    input_ids/labels), and with `with_reference` a "reference" [chosen, rejected] log-prob pair."""
 
     def __init__(self, arrays: dict[str, np.ndarray], stats: dict):
         self.arrays, self.stats = arrays, stats
         self._offsets = arrays["offsets"]
         self._fields = [k for k in ("input_ids", "labels", "position_ids") if k in arrays]
+        self.reference: np.ndarray | None = None
+
+    @property
+    def pairs(self) -> bool:
+        return "rejected_offsets" in self.arrays
+
+    def with_reference(self, reference: np.ndarray) -> TokenizedData:
+        """The pairs with their (n, 2) reference log-probs attached (engine/preference.py)."""
+        if len(reference) != len(self):
+            raise ValueError(f"{len(reference)} reference rows for {len(self)} pairs")
+        self.reference = reference
+        return self
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -38,7 +52,13 @@ class TokenizedData(torch.utils.data.Dataset):
             raise IndexError(i)
         i %= len(self)
         start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        return {k: self.arrays[k][start:end].tolist() for k in self._fields}
+        example = {k: self.arrays[k][start:end].tolist() for k in self._fields}
+        if self.pairs:
+            start, end = int(self.arrays["rejected_offsets"][i]), int(self.arrays["rejected_offsets"][i + 1])
+            example.update({k: self.arrays[k][start:end].tolist() for k in ("rejected_input_ids", "rejected_labels")})
+        if self.reference is not None:
+            example["reference"] = self.reference[i].tolist()
+        return example
 
     @property
     def lengths(self) -> np.ndarray:
@@ -174,11 +194,13 @@ def build_dataset(cfg: DataConfig, tokenizer, *, cache_dir: Path | None, split: 
 
 
 def _flatten(samples: list, stats: dict, cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Flat arrays + offsets of the samples (packed with cfg.packing), and their statistics."""
-    lengths = [len(ids) for ids, _ in samples]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    arrays = {"input_ids": np.concatenate([ids for ids, _ in samples]),
-              "labels": np.concatenate([labels for _, labels in samples]), "offsets": offsets}
+    """Flat arrays + offsets of the samples (packed with cfg.packing), and their statistics.
+    Preference pairs (4-tuples) keep the rejected side in rejected_* arrays."""
+    arrays = _flat([sample[:2] for sample in samples])
+    if len(samples[0]) == 4:
+        rejected = _flat([sample[2:] for sample in samples])
+        arrays.update({f"rejected_{k}": v for k, v in rejected.items()})
+    offsets = arrays["offsets"]
     stats = {**stats, "n_samples": len(samples), "n_tokens": int(offsets[-1]),
              "n_target_tokens": int((arrays["labels"] != IGNORE).sum())}
     if cfg.packing:
@@ -186,3 +208,10 @@ def _flatten(samples: list, stats: dict, cfg: DataConfig) -> tuple[dict[str, np.
         stats["n_packed_rows"] = len(arrays["offsets"]) - 1
         stats["packing_fill"] = round(stats["n_tokens"] / (stats["n_packed_rows"] * cfg.max_length), 4)
     return arrays, stats
+
+
+def _flat(samples: list) -> dict[str, np.ndarray]:
+    lengths = [len(ids) for ids, _ in samples]
+    return {"input_ids": np.concatenate([ids for ids, _ in samples]),
+            "labels": np.concatenate([labels for _, labels in samples]),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}

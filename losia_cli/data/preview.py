@@ -38,17 +38,21 @@ def _render_source(cfg: DataConfig, tokenizer, n: int) -> list[Text]:
             text.append(f"── {task.name} row {i}: dropped (longer than max_length={cfg.max_length}) ──", style="bold red")
             out.append(text)
             continue
-        ids, labels = samples[0]
-        n_target = int((labels != IGNORE).sum())
+        # A preference pair shows both sides, each with its own mask.
+        sides = [samples[0]] if len(samples[0]) == 2 else [samples[0][:2], samples[0][2:]]
         note = ", truncated" if truncated else ""
-        text.append(f"── {task.name} row {i}: {len(ids)} tokens, {n_target} with loss{note} ──\n", style="bold")
-        for is_target, run in groupby(zip(ids.tolist(), labels.tolist()), key=lambda p: p[1] != IGNORE):
-            piece = tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
-            if is_target:
-                text.append(TARGET_OPEN, style="dim green")
-                text.append(piece, style="bold green")
-                text.append(TARGET_CLOSE, style="dim green")
-            else:
-                text.append(piece, style="dim")
+        for k, (ids, labels) in enumerate(sides):
+            name = "" if len(sides) == 1 else (" chosen", " rejected")[k]
+            n_target = int((labels != IGNORE).sum())
+            text.append(f"{chr(10) if k else ''}── {task.name} row {i}{name}: {len(ids)} tokens, "
+                        f"{n_target} with loss{note} ──\n", style="bold")
+            for is_target, run in groupby(zip(ids.tolist(), labels.tolist()), key=lambda p: p[1] != IGNORE):
+                piece = tokenizer.decode([token for token, _ in run], skip_special_tokens=False)
+                if is_target:
+                    text.append(TARGET_OPEN, style="dim green")
+                    text.append(piece, style="bold green")
+                    text.append(TARGET_CLOSE, style="dim green")
+                else:
+                    text.append(piece, style="dim")
         out.append(text)
     return out

@@ -13,6 +13,11 @@ A template file holds Jinja templates (`prompt`, `response`) and Jinja expressio
   conversation column named by `conversation` (default: `messages` of role/content) and every
   assistant turn is a target.
 - kind `text`: `response` only (raw text for continued pre-training); every token is a target.
+- kind `preference` (train.objective dpo/simpo): `prompt`, `chosen` and `rejected` templates give the
+  two sequences of a pair, prompt + chosen and prompt + rejected, targets on the completions. With
+  `messages: true`, `chosen` and `rejected` instead name columns holding whole conversations that
+  share a prefix (HH-RLHF / UltraFeedback-binarized); a chat template renders them, and the turns
+  past the shared prefix are the targets.
 
 `defaults` gives values for fields a row may lack (alpaca's `input`).
 """
@@ -49,7 +54,7 @@ class Conversation(pydantic.BaseModel, extra="forbid"):
 class TemplateSpec(pydantic.BaseModel, extra="forbid"):
     names: list[str] | None = None  # task names this file registers (default: the file stem)
     family: str
-    kind: Literal["generate", "multiple_choice", "code", "chat", "text"]
+    kind: Literal["generate", "multiple_choice", "code", "chat", "text", "preference"]
     description: str
     sample: str | None = None  # bundled fixture (data_templates/samples/) in this task's schema
     prompt: str | None = None
@@ -59,6 +64,9 @@ class TemplateSpec(pydantic.BaseModel, extra="forbid"):
     gold: str | None = None
     tests: str | None = None
     entry_point: str | None = None
+    chosen: str | None = None  # preference: template (or, with messages, the column) of the preferred side
+    rejected: str | None = None
+    messages: bool = False  # preference: chosen/rejected are columns of conversations
     defaults: dict[str, Any] = {}
     conversation: Conversation = Conversation()
 
@@ -70,6 +78,7 @@ class TemplateSpec(pydantic.BaseModel, extra="forbid"):
             "code": ("prompt", "response", "tests"),
             "chat": (),
             "text": ("response",),
+            "preference": ("chosen", "rejected") if self.messages else ("prompt", "chosen", "rejected"),
         }[self.kind]
         missing = [key for key in needed if getattr(self, key) is None]
         if missing:
@@ -96,7 +105,7 @@ _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
 )
 _ENV.filters.update(regex_replace=_regex_replace, last_boxed=lambda text: last_boxed(text) or "")
 
-_TEMPLATE_KEYS = ("prompt", "response")
+_TEMPLATE_KEYS = ("prompt", "response", "chosen", "rejected")
 _EXPRESSION_KEYS = ("reference", "options", "gold", "tests", "entry_point")
 _BOUND = {"option", "options", "gold"}  # names the multiple-choice renderer provides itself
 
@@ -114,7 +123,7 @@ class Task:
         try:
             for key in _TEMPLATE_KEYS + _EXPRESSION_KEYS:
                 source = getattr(spec, key)
-                if source is None:
+                if source is None or (spec.messages and key in ("chosen", "rejected")):
                     continue
                 body = source if key in _TEMPLATE_KEYS else "{{ " + source + " }}"
                 ast = _ENV.parse(body)
@@ -129,6 +138,8 @@ class Task:
             raise DataError(f"{path}: template {key!r} line {e.lineno}: {e.message}") from None
         if spec.kind == "chat":
             used = {spec.conversation.column}
+        elif spec.messages:
+            used = {spec.chosen, spec.rejected}
         elif spec.kind == "multiple_choice":
             used -= _BOUND
         self.fields: frozenset[str] = frozenset(used - spec.defaults.keys())
@@ -174,7 +185,8 @@ class Task:
     def render_eval(self, row: dict, tokenizer=None) -> dict:
         """What an evaluator needs, by kind:
         generate: prompt, target (the training response), reference (the gold answer);
-        multiple_choice: contexts, continuations (one per option), gold;
+        multiple_choice: contexts, continuations (one per option), gold; a preference pair is one with
+        the chosen completion gold, so `acc` is the share of pairs the model finds the chosen more likely;
         code: prompt, target, tests, entry_point (None if the template has none)."""
         return self._guard(self._eval, row, tokenizer)
 
@@ -184,6 +196,44 @@ class Task:
             return self._guard(self._chat_segments, row, tokenizer, chat_template)
         prompt, response = self.render_train(row, tokenizer)
         return [(prompt, False), (response, True)]
+
+    @property
+    def chat_rendered(self) -> bool:
+        """Whether the text comes from a chat template (its special tokens are meant)."""
+        return self.kind == "chat" or self.spec.messages
+
+    def pair_segments(self, row: dict, tokenizer=None, chat_template: str | None = None):
+        """A preference row as (chosen segments, rejected segments), each [(prompt, False),
+        (completion, True)]; an identical chosen and rejected is refused."""
+        chosen, rejected = self._guard(self._pair, row, tokenizer, chat_template)
+        if chosen == rejected:
+            raise DataError("chosen and rejected are identical: the pair prefers nothing")
+        return [chosen, rejected]
+
+    def _pair(self, row: dict, tokenizer, chat_template: str | None):
+        if not self.spec.messages:
+            prompt = self._render("prompt", row)
+            return [(prompt, False), (self._render("chosen", row), True)], \
+                [(prompt, False), (self._render("rejected", row), True)]
+        if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
+            raise DataError("the tokenizer has no chat template; set data.chat_template (e.g. chatml)")
+        sides = [self._messages({**row, self.spec.conversation.column: row[key]})
+                 for key in (self.spec.chosen, self.spec.rejected)]
+        shared = 0
+        while shared < min(map(len, sides)) and sides[0][shared] == sides[1][shared]:
+            shared += 1
+        if shared == 0 or any(side[shared:shared + 1] == [] or side[shared]["role"] != "assistant" for side in sides):
+            raise ValueError("chosen and rejected must share the conversation up to an assistant turn "
+                             "where they differ")
+        prompt = tokenizer.apply_chat_template(sides[0][:shared], chat_template=chat_template,
+                                               add_generation_prompt=True, tokenize=False)
+        out = []
+        for side in sides:
+            text = tokenizer.apply_chat_template(side, chat_template=chat_template, tokenize=False)
+            if not text.startswith(prompt):
+                raise ValueError("the chat template does not render the shared prefix as a prefix")
+            out.append([(prompt, False), (text[len(prompt):], True)])
+        return out
 
     def _train(self, row: dict, tokenizer, chat_template: str | None) -> tuple[str, str]:
         if self.kind == "chat":
@@ -200,6 +250,10 @@ class Task:
     def _eval(self, row: dict, tokenizer) -> dict:
         if self.kind == "text":
             raise ValueError("a text task (continued pre-training) has no evaluation format")
+        if self.kind == "preference":  # two options, the chosen one gold: acc = log-prob margin > 0
+            (prompt, chosen), (_, rejected) = [(side[0][0], side[1][0]) for side in self._pair(row, tokenizer, None)]
+            return {"kind": "multiple_choice", "contexts": [prompt, prompt], "continuations": [chosen, rejected],
+                    "gold": 0}
         if self.kind == "chat":
             messages = self._messages(row)
             prompt = tokenizer.apply_chat_template(

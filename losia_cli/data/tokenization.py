@@ -65,38 +65,49 @@ class Encoder:
     train_on_input: bool
     overlong: str
 
-    def encode(self, rows: list[dict], first_row: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
+    def encode(self, rows: list[dict], first_row: int = 0) -> tuple[list[tuple[np.ndarray, ...]], int, int]:
         """Samples (input_ids, labels) for the rows that survive the overlong policy, plus the
-        number dropped and truncated. `first_row`: index of rows[0] in the source, for errors."""
+        number dropped and truncated. `first_row`: index of rows[0] in the source, for errors.
+        A preference task's sample is a pair: (chosen ids, chosen labels, rejected ids, rejected
+        labels), dropped whole when either side is."""
         pieces = []
         for i, row in enumerate(rows):
             try:
-                pieces.append(self.task.train_segments(row, self.tokenizer, self.chat_template))
+                if self.task.kind == "preference":
+                    pieces.append(self.task.pair_segments(row, self.tokenizer, self.chat_template))
+                else:
+                    pieces.append([self.task.train_segments(row, self.tokenizer, self.chat_template)])
             except DataError as e:
                 raise DataError(f"{self.where(first_row + i)}: {e}") from None
-        texts = [text for segments in pieces for text, _ in segments]
+        texts = [text for sides in pieces for segments in sides for text, _ in segments]
         ids = self.tokenizer(
-            texts, add_special_tokens=False, split_special_tokens=self.task.kind != "chat"
+            texts, add_special_tokens=False, split_special_tokens=not self.task.chat_rendered
         )["input_ids"] if texts else []
         samples, dropped, truncated, k = [], 0, 0, 0
-        for segments in pieces:
-            encoded = ids[k : k + len(segments)]
-            k += len(segments)
-            sample = self._assemble(segments, encoded)
+        for sides in pieces:
+            assembled = []
+            for segments in sides:
+                assembled.append(self._assemble(segments, ids[k : k + len(segments)]))
+                k += len(segments)
             if self.task.kind == "text":  # pre-training text: a long document is cut, not lost
-                samples += self._pieces(sample)
+                samples += self._pieces(assembled[0])
                 continue
-            if len(sample[0]) > self.max_length:
-                if self.overlong == "drop":
-                    dropped += 1
-                    continue
-                sample = (sample[0][: self.max_length], sample[1][: self.max_length])
-                if not (sample[1] != IGNORE).any():  # nothing left to learn from
-                    dropped += 1
-                    continue
-                truncated += 1
-            samples.append(sample)
+            fitted = [self._fit(sample) for sample in assembled]
+            if any(sample is None for sample in fitted):
+                dropped += 1
+                continue
+            truncated += any(len(a[0]) > len(f[0]) for a, f in zip(assembled, fitted))
+            samples.append(tuple(array for sample in fitted for array in sample))
         return samples, dropped, truncated
+
+    def _fit(self, sample: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sample within max_length by the overlong policy; None when it is dropped."""
+        if len(sample[0]) <= self.max_length:
+            return sample
+        if self.overlong == "drop":
+            return None
+        sample = (sample[0][: self.max_length], sample[1][: self.max_length])
+        return sample if (sample[1] != IGNORE).any() else None  # None: nothing left to learn from
 
     def _pieces(self, sample: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """max_length pieces of a document; each piece's first token is a target-less context."""

@@ -32,6 +32,7 @@ from losia_cli.engine.distributed import (
     AcceleratorDist, count_grad_sync_bytes, make_accelerator, shard_model,
 )
 from losia_cli.engine.fingerprint import ranks_in_sync
+from losia_cli.engine.preference import Objective, attach_reference, validate_pairs
 from losia_cli.engine.preemption import Preempted, StopRequest
 from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import BufferedRecords, RunRecords, model_flops_utilisation, step_timings
@@ -71,7 +72,8 @@ class Run:
     wall0: float = 0.0  # when the step loop started
     lock: rundir.RunLock | None = None  # rank 0's hold on the run dir, released when train() ends
     stopped_early_at: int | None = None  # the step early stopping ended the run at
-    last_targets: int = 0  # target tokens of the last step read back (metrics)
+    last_targets: int = 0  # target tokens (pairs, under a preference objective) of the last step read back
+    reference: dict | None = None  # the DPO reference pass: computed or reused, seconds (report.json)
     runtime_bytes: int = 0  # memory held before the model was loaded (engine/memory.py)
     # What the first step of this process saved for backward and its gradients; the state after it.
     step_account: memory.StepAccount | None = None
@@ -140,11 +142,21 @@ def setup(cfg: RunConfig, console: Console) -> Run:
         data = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data")
         val = build_dataset(cfg.data, tokenizer, cache_dir=cache_dir() / "data", split="val")
     collate = make_collator(cfg.data, tokenizer)
+    objective = Objective.of(tc)
+    if (objective is not None) != data.pairs:
+        raise ConfigError(f"train.objective={tc.objective} " + ("trains on preference pairs; set data.task=preference "
+                          "or preference_messages" if objective else f"does not train on the preference pairs "
+                          f"of data.task={cfg.data.task}; set train.objective=dpo or simpo"))
     set_seed(cfg.seed)
     runtime_bytes = memory.current(accelerator.device)
     # On its device before the method wraps it: LoSiA allocates its score buffers next to W.
     model = load_model(cfg.model, model_path).to(accelerator.device)
     model.config.use_cache = False
+    reference = None
+    if objective is not None and objective.needs_reference:  # the starting weights, before any method wraps them
+        with accelerator.main_process_first():  # rank 0 computes and caches, the others read the cache
+            reference = attach_reference(model, [data, val], collate, tc.micro_batch_size, _autocast(cfg, accelerator),
+                                         {**cfg.model.model_dump(mode="json"), "precision": tc.precision})
     if len(data) < tc.micro_batch_size * world:
         raise ConfigError(
             f"data: {len(data)} samples is fewer than one micro-batch across ranks "
@@ -160,6 +172,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
     method = build_method(cfg.method)
     model = method.prepare(model, ctx)
     model, driver = _optimizing(cfg, accelerator, model, method)
+    driver.objective = objective
 
     # Everything is checked: only now is the run dir created, locked, and cleared or resumed.
     def warn(line: str) -> None:  # on stderr, as compose's notes: the progress lines keep stdout
@@ -176,7 +189,7 @@ def setup(cfg: RunConfig, console: Console) -> Run:
                   save_every=save_interval(tc.save_every, total_steps, cfg.dist.name), records=records,
                   schedule=schedule, method=method, model=model, unwrapped=accelerator.unwrap_model(model),
                   driver=driver, grad_sync=count_grad_sync_bytes(model), dist=ctx.dist, lock=lock,
-                  runtime_bytes=runtime_bytes)
+                  runtime_bytes=runtime_bytes, reference=reference)
         if resume_from:
             state = checkpoint.load(Path(resume_from), accelerator, run.unwrapped, run.optimizer, method)
             run.start_step = state["step"]
@@ -208,10 +221,13 @@ def _optimizing(cfg: RunConfig, accelerator: Accelerator, model, method: Method)
         stepper = accelerator.prepare(optimizer)
     else:
         model, stepper = accelerator.prepare(model, optimizer)
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     driver = StepDriver(model, method, optimizer, accelerator=accelerator, stepper=stepper,
-                        max_grad_norm=tc.max_grad_norm, autocast=autocast)
+                        max_grad_norm=tc.max_grad_norm, autocast=_autocast(cfg, accelerator))
     return model, driver
+
+
+def _autocast(cfg: RunConfig, accelerator: Accelerator):
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
 
 def _announce(run: Run, resume_from: str) -> None:
@@ -263,7 +279,9 @@ def run_steps(run: Run) -> None:
                              run.accelerator.process_index, cfg.seed)
                 for i in range(tc.grad_accum)
             ]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            # The loss is a mean over the step's target tokens, or over its pairs (2 rows each).
+            local_tokens = sum(len(b["labels"]) // 2 if run.driver.objective else int((b["labels"][:, 1:] != -100).sum())
+                               for b in micro)
             counts = torch.tensor([local_tokens, sum(b["input_ids"].numel() for b in micro)], device=device)
             counts = run.accelerator.reduce(counts, reduction="sum")
             # accelerate (or DeepSpeed) divides by grad_accum and DDP averages over ranks; undo both so
@@ -286,8 +304,10 @@ def run_steps(run: Run) -> None:
                 continue
             stops = _sync(run, pending, stop, time.perf_counter() - window0)
             pending, window0 = [], time.perf_counter()
+            # The pairs' rewards since the last row: a collective, so on every rank.
+            pairs = run.driver.objective.read(run.accelerator) if logged and run.driver.objective else {}
             if run.main and logged:
-                metrics = _metrics(run, step, grad_norm)
+                metrics = {**_metrics(run, step, grad_norm), **pairs}
                 run.records.metric(metrics)
                 progress.update(done, metrics)
             stop_early = validating and _validate(run, done)
@@ -353,12 +373,16 @@ def _validation_due(run: Run, done: int) -> bool:
 def _validate(run: Run, done: int) -> bool:
     """The validation loss (when _validation_due) -> metrics.jsonl; a new best is kept in
     checkpoints/best. Returns whether to stop early."""
-    tc = run.cfg.train
-    loss = mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size,  # every rank, its share
-                            rank=run.accelerator.process_index, world=run.accelerator.num_processes)
+    tc, rank, world = run.cfg.train, run.accelerator.process_index, run.accelerator.num_processes
+    if run.driver.objective:  # the pair loss, rewards and preference accuracy of the held-out pairs
+        row = validate_pairs(run.model, run.val, run.collate, tc.micro_batch_size, run.driver.objective, rank, world)
+    else:
+        row = {"val_loss": mean_target_loss(run.model, run.val, run.collate, tc.micro_batch_size,  # its share
+                                            rank=rank, world=world)}
+    loss = row["val_loss"]
     run.history["val_loss"].append([done, loss])
     if run.main:
-        run.records.metric({"step": done, "val_loss": loss})
+        run.records.metric({"step": done, **row})
     since_best = validations_since_best(run.history["val_loss"])
     if since_best == 0 and run.save_every:  # no save_every: a dist that cannot checkpoint (zero3)
         checkpoint.save(run.run_dir, done, run.accelerator, run.unwrapped, run.optimizer, run.method,
@@ -402,6 +426,9 @@ def _report(run: Run, in_sync: bool) -> dict:
     steps = max(1, run.total_steps - run.start_step)
     return {
         **summary,
+        "objective": run.cfg.train.objective,
+        # DPO's reference log-probs: computed by this run (seconds of that pass) or read from the cache.
+        "reference": run.reference,
         "total_steps": run.total_steps,
         "step_time_s": {"p50": timings["p50"], "p95": timings["p95"]},
         "tokens_per_s": timings["tokens_per_s"],

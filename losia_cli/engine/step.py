@@ -1,7 +1,8 @@
 """One optimizer step, the same wherever it is taken: the training loop, `losia bench` and the tests.
 
     set each param group's LR from method.lr_factors(step)
-    forward + backward of each micro-batch (summed target-token cross-entropy, times `scale`)
+    forward + backward of each micro-batch (summed target-token cross-entropy, or with a preference
+        `objective` the summed pair loss (engine/preference.py), times `scale`)
     clip, optimizer.step(), zero_grad()
     method.on_step(step, optimizer)
 
@@ -54,6 +55,7 @@ class StepDriver:
     # Seconds per part of the step (forward, backward, optimizer) when given (`losia bench`): one
     # DeviceTimer each, so on CUDA no host sync is added.
     part_timers: dict[str, DeviceTimer] | None = None
+    objective: Any = None  # engine/preference.Objective; None: the token loss (sft)
 
     def __post_init__(self):
         if self.method_timer is None:
@@ -80,10 +82,14 @@ class StepDriver:
         loss_sum = 0
         for batch in batches:
             inputs = dict(batch)
-            labels = inputs.pop("labels")
+            labels, reference = inputs.pop("labels"), inputs.pop("reference", None)
             with self._accumulate(), self.autocast:
                 with self._part("forward"):
-                    loss = token_loss_sum(self.model(**inputs, use_cache=False).logits, labels)
+                    logits = self.model(**inputs, use_cache=False).logits
+                    if self.objective is None:
+                        loss = token_loss_sum(logits, labels)
+                    else:
+                        loss = self.objective.loss_sum(logits, labels, reference)
                 with self._part("backward"):
                     if self.accelerator is None:
                         (loss * scale).backward()

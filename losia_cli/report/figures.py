@@ -254,6 +254,10 @@ def figures(runs: list[Run], single: bool) -> list[tuple[str, str, object]]:
             ("memory.png", "Peak memory as logged per step (CUDA allocated on GPU, process RSS on CPU).",
              curves_figure([run], "peak_mem_bytes", f"peak memory: {run.label}", "peak memory ({unit})")),
         ]
+        if _series(run.metrics, "pref_accuracy")[0]:  # a preference objective (train.objective)
+            out.append(("pref_accuracy.png", "Preference accuracy (share of pairs whose chosen side has "
+                                             "the higher implicit reward) per logged step.",
+                        curves_figure([run], "pref_accuracy", f"preference accuracy: {run.label}", "accuracy")))
         if _series(run.metrics, "grad_norm")[0]:  # logged when clipping is on
             out.append(("grad_norm.png", "Gradient norm before clipping, per step; re-localizations are marked.",
                         curves_figure([run], "grad_norm", f"gradient norm: {run.label}", "L2 norm", events)))
