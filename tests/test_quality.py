@@ -145,3 +145,14 @@ def test_benchmark_splits_are_disjoint_and_the_check_catches_a_leak(tmp_path):
     with open(tmp_path / "math_test.jsonl", "a") as f:
         f.write(leaked + "\n")
     assert make_data.check(tmp_path) == ["math_test.jsonl: 1 question(s) also in math_train.jsonl"]
+
+
+def test_general_text_file_is_read_or_refused(tmp_path):
+    from losia_cli.data.errors import DataError
+    from losia_cli.eval.forgetting import general_text_loss
+
+    with pytest.raises(DataError, match="no such file"):
+        general_text_loss(None, None, path=tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(DataError, match="no text"):
+        general_text_loss(None, None, path=tmp_path / "empty.txt")
