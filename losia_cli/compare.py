@@ -141,8 +141,8 @@ def compare(methods: list[str], overrides: list[str], console: Console, recipes:
     rows = []
     for method, cfg in zip(methods, configs):
         grid, grid_runs = {}, {}
-        lr = cfg.train.lr
-        if lr_grid:
+        lr = lr_grid[0] if lr_grid else cfg.train.lr  # a one-rate grid needs no validation
+        if lr_grid and len(lr_grid) > 1:
             for candidate in lr_grid:  # each rate at the first seed, scored on validation only
                 run_dir = train(config(method, f"{method}-lr{candidate:g}-s{seeds[0]}", f"train.lr={candidate}",
                                        f"seed={seeds[0]}", "eval.after_train=true", "eval.forgetting=false",

@@ -34,9 +34,13 @@ GRIDS = {"losia_pro": [5e-4, 1e-3, 2e-3], "losia": [5e-4, 1e-3, 2e-3], "lora": [
 PARITY = {"losia_pro": ["method.lora_rank=8"], "losia": ["method.lora_rank=8"], "lora": ["method.rank=8"],
           "dora": ["method.rank=8"], "pissa": ["method.rank=8"], "galore": [], "full": []}
 MODES = {
+    # quick: the first 100 validation and test items of each task (eval.limit), answers cut at 64 tokens
+    # (the worked solutions are ~45), so the whole mode fits ~20 minutes of 2 free cores.
     "quick": dict(tasks=["math"], methods=["losia_pro", "lora"], seeds=[1, 2], steps=40,
-                  grids={"losia_pro": [5e-4, 1e-3], "lora": [5e-4, 1e-3]}),
-    "full": dict(tasks=["math", "choice", "code"], methods=list(GRIDS), seeds=[1, 2, 3], steps=300, grids=GRIDS),
+                  grids={"losia_pro": [5e-4, 1e-3], "lora": [5e-4, 1e-3]},
+                  extra=["eval.limit=100", "eval.max_new_tokens=64"]),
+    "full": dict(tasks=["math", "choice", "code"], methods=list(GRIDS), seeds=[1, 2, 3], steps=300, grids=GRIDS,
+                 extra=["eval.max_new_tokens=96"]),
 }
 
 
@@ -53,8 +57,8 @@ def compare_command(task: str, method: str, mode: dict, out: Path) -> list[str]:
         f"val_tasks=['{spec(task, 'val')}']", f"eval.tasks=[{','.join(repr(t) for t in tests)}]",
         "recipe=smollm2_135m_math", f"data.task={TEMPLATE[task]}", f"data.source={DATA / f'{task}_train.jsonl'}",
         "data.max_length=256", "train.micro_batch_size=8", f"train.max_steps={mode['steps']}",
-        f"eval.general_text={DATA / 'general_text.txt'}", "eval.max_new_tokens=96", "eval.batch_size=16",
-        "eval.allow_code_exec=true", f"run.output_dir={out}", *PARITY[method],
+        f"eval.general_text={DATA / 'general_text.txt'}", "eval.batch_size=16", "eval.allow_code_exec=true",
+        f"run.output_dir={out}", *PARITY[method], *mode["extra"],
     ]
 
 
@@ -74,7 +78,8 @@ def markdown(result: dict) -> str:
              "```", result["command"], "```", "",
              f"- {result['started']} - {result['finished']} UTC; environment: "
              + ", ".join(f"{k} {v}" for k, v in result["environment"].items()),
-             f"- Steps {result['steps']}, micro-batch 8, seeds {result['seeds']}; LR per method chosen on the "
+             f"- Steps {result['steps']}, micro-batch 8, {' '.join(result['extra'])}, seeds {result['seeds']}; "
+             "LR per method chosen on the "
              "validation split at the first seed; 95% interval: percentile bootstrap over test items and seeds.",
              "- Forgetting: general-text loss change (nats, "
              f"{result['general_text_tokens']} tokens) and the held-out task's score change.", ""]
@@ -138,7 +143,7 @@ def main(argv: list[str]) -> int:
     mode = MODES[name]
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     result = {"mode": name, "command": "python benchmarks/quality/run.py" + (" --quick" if args.quick else ""),
-              "started": started, "steps": mode["steps"], "seeds": mode["seeds"], "tasks": {}, "commands": []}
+              "started": started, "steps": mode["steps"], "extra": mode["extra"], "seeds": mode["seeds"], "tasks": {}, "commands": []}
     for task in mode["tasks"]:
         rows = []
         for method in mode["methods"]:
