@@ -131,6 +131,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one task, two methods, two seeds")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality", help="where the runs go")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a (task, method) from its compare.json already under --work (runs launched apart)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import make_data
@@ -150,7 +152,8 @@ def main(argv: list[str]) -> int:
             out = args.work / f"{name}-{task}-{method}"
             command = compare_command(task, method, mode, out)
             result["commands"].append(" ".join(command[1:]))
-            subprocess.run(command, check=True, cwd=REPO)
+            if not (args.reuse and list(out.glob("compare-*/compare.json"))):
+                subprocess.run(command, check=True, cwd=REPO)
             compared = json.loads(max(out.glob("compare-*/compare.json")).read_text())
             row = compared["methods"][0]
             row["base"] = {t: next(iter(m.values())) for t, m in compared["base_tasks"].items()}
