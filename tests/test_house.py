@@ -207,7 +207,7 @@ def test_compare_reads_methods_in_the_same_grammar(monkeypatch):
     from losia_cli.cli import main
 
     calls = []
-    monkeypatch.setattr(losia_cli.compare, "compare", lambda methods, overrides, *_: calls.append((methods, overrides)))
+    monkeypatch.setattr(losia_cli.compare, "compare", lambda methods, overrides, *_, **__: calls.append((methods, overrides)))
     assert main(["compare", "methods=[losia_pro,lora]", "train.max_steps=2"]) == 0
     assert main(["compare", "methods=lora,full"]) == 0
     assert main(["compare"]) == 0

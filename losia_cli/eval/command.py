@@ -88,10 +88,10 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, c
             }
     summary = {}
     if cfg.forgetting:
-        after = general_text_loss(model, tokenizer)
+        after = general_text_loss(model, tokenizer, path=cfg.general_text)
         summary["general_text_loss"] = after
         if baseline is not None:
-            before = general_text_loss(baseline[0], baseline[1])
+            before = general_text_loss(baseline[0], baseline[1], path=cfg.general_text)
             summary["general_text_loss_baseline"] = before
             summary["forgetting_delta"] = forgetting_delta(before, after)
     write_results(out_dir, results, model={**model_identity(model), **identity},

@@ -47,6 +47,9 @@ class EvalConfig(Section):
     """Seconds one code test may run."""
     forgetting: bool = True
     """General-text loss of the model (and of the baseline) -> delta."""
+    general_text: str | None = None
+    """Forgetting probe text: a file of paragraphs separated by blank lines (default: the built-in
+    ~300-token sample, which resolves only large changes; benchmarks/quality/data/general_text.txt is larger)."""
     after_train: bool = False
     """Run these tasks at the end of `losia train`."""
     seed: Seed = 0
