@@ -23,8 +23,8 @@ def _general_text_loss_of_base(cfg) -> float:
 
 def compare(methods: list[str], overrides: list[str], console: Console, recipes: Path | None = None) -> Path:
     from losia_cli.compose import load_config
-    from losia_cli.engine.loop import train
-    from losia_cli.engine.rundir import timestamp
+    from losia_cli.workflow import train
+    from losia_cli.provenance import timestamp
     from losia_cli.eval.forgetting import forgetting_delta
 
     stamp = timestamp()

@@ -68,6 +68,10 @@ class ExportError(LosiaError, ValueError):
     """A model this exporter cannot write, or a file that failed verification."""
 
 
+class MissingPackageError(LosiaError, ValueError):
+    """An optional package a feature needs is not installed (losia_cli/extras.py `require`)."""
+
+
 def omegaconf_message(e: Exception) -> str:
     """An OmegaConf error (a bad interpolation, an unparsable value) as one line naming its key."""
     text = re.sub(r"^\w+ raised while resolving interpolation: \"?(.*?)\"?$", r"\1", str(e).strip().splitlines()[0])

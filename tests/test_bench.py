@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from losia_cli.bench import BenchError, run_bench
+from losia_cli.bench import run_bench
+from losia_cli.errors import BenchError
 from losia_cli.cli import build_parser
 from losia_cli.errors import UsageError
 
@@ -50,7 +51,7 @@ def test_run_bench_micro_fields_and_ratios():
     assert 2 * 4 * full["trainable_params"] <= full["optimizer_state_bytes"] < 2 * 4 * full["trainable_params"] + 4096
     assert full["grad_bytes"] == 4 * full["trainable_params"]
     assert 0 < lora["trainable_params"] < full["trainable_params"]
-    if "losia_pro" in results:  # parameter parity with LoRA at the same rank (method doc 3.2)
+    if "losia_pro" in results:  # parameter parity with LoRA at the same rank (docs/method.md 3.2)
         assert results["losia_pro"]["trainable_params"] == pytest.approx(lora["trainable_params"], rel=0.2)
         # The delta form trains the same blocks; only when W is written differs.
         assert results["losia_pro_delta"]["trainable_params"] == results["losia_pro"]["trainable_params"]

@@ -39,7 +39,7 @@ def run(args) -> int:
 
 def train_or_launch(cfg, overrides: list[str], recipes: Path | None) -> int:
     """Train `cfg` here, relaunch it over several processes, or run its continual stages; the exit code."""
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
     from losia_cli.engine.rundir import name_run
     from losia_cli.launch import needs_launch, relaunch
 
@@ -57,7 +57,7 @@ def _multirun(args) -> int:
     """Sweeps go through Hydra's own launcher machinery (basic, or submitit for Slurm)."""
     import hydra
 
-    from losia_cli.engine.rundir import timestamp
+    from losia_cli.provenance import timestamp
 
     if args.overrides and is_config_file(args.overrides[0]):
         raise UsageError("sweeps (-m) compose recipes: use recipe=NAME (or --recipes DIR), not a config file")

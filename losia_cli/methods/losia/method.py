@@ -1,4 +1,4 @@
-"""LoSiA / LoSiA-Pro behind the `Method` interface (method doc 12).
+"""LoSiA / LoSiA-Pro behind the `Method` interface (docs/method.md 12).
 
 Engine call order, per optimizer step `step` (= updates already taken):
     lr_factors(step, n) -> forward/backward of each micro-batch -> optimizer.step() -> on_step(step, opt)
@@ -130,7 +130,7 @@ class LosiaMethod(Method):
                 f"{unplaced[:3]} {where}; set method.slot_pattern to a regex whose first group is the "
                 "layer number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
             )
-        # lm_head is slot 0 and decoder layers follow in index order (doc 3.6); layers without a target
+        # lm_head is slot 0 and decoder layers follow in index order (docs/method.md 3.6); layers without a target
         # get no slot, so no time slot idles.
         slot_of = {layer: slot for slot, layer in enumerate(sorted(set(layers.values())))}
 
@@ -168,7 +168,7 @@ class LosiaMethod(Method):
     @classmethod
     def sized_config(cls, name: str, rank: int, *, rank_factor: float | None = None, period: int | None = None,
                      **options) -> LosiaConfig:
-        """Parameter parity with LoRA-`rank` (method doc 3.2) unless a rank factor p is given."""
+        """Parameter parity with LoRA-`rank` (docs/method.md 3.2) unless a rank factor p is given."""
         extra = {"rank_factor": rank_factor} if rank_factor is not None else {"lora_rank": rank}
         if period is not None:
             extra["period"] = period
@@ -202,7 +202,7 @@ class LosiaMethod(Method):
                 if "norm" in type(module).__name__.lower()
                 for param in module.parameters(recurse=False)
             ]
-        else:  # "all": the reference trains every other parameter densely (doc 3.1)
+        else:  # "all": the reference trains every other parameter densely (docs/method.md 3.1)
             candidates = list(model.parameters())
         unique = {id(param): param for param in candidates if id(param) not in subnet_tensors}
         return list(unique.values())
