@@ -166,6 +166,14 @@ def _eval_with_nothing_to_do(tmp_path):
     run_eval(None, None, EvalConfig(forgetting=False), tmp_path, {}, Console())
 
 
+def _losia_resumed_on_another_model(tmp_path):
+    from losia_cli.methods.losia import LosiaConfig, LosiaMethod
+
+    method = LosiaMethod(LosiaConfig())
+    _prepare(method)
+    method.load_state_dict({**method.state_dict(), "restarts": [0] * 7})  # saved by a 6-layer model
+
+
 def _package_not_installed(tmp_path):
     from losia_cli.extras import require
 
@@ -176,6 +184,7 @@ def _package_not_installed(tmp_path):
     (_losia_without_targets, "no nn.Linear matched method.target_modules"),
     (_galore_without_targets, "no 2-D weight matches target_modules"),
     (_eval_with_nothing_to_do, "nothing to evaluate"),
+    (_losia_resumed_on_another_model, "^run.resume: the checkpoint has 7 LoSiA slots, this model and method config 2$"),
     (_package_not_installed, "^feature x needs the losia_no_such_package package: pip install no-such-package$"),
 ])
 def test_user_mistakes_are_losia_errors(mistake, message, tmp_path):
@@ -314,3 +323,28 @@ def test_error_classes_are_imported_from_errors():
                and node.module != "losia_cli.errors"
                for alias in node.names if alias.name.endswith("Error") and hasattr(losia_errors, alias.name)]
     assert not detours, f"error classes imported around losia_cli/errors.py: {detours}"
+
+
+def test_a_sweep_job_prints_a_mistake_as_one_line(capsys):
+    """The sweep job (commands/train.py) and cli.main share commands/common.error_line."""
+    from losia_cli.commands.train import SweepJob
+    from losia_cli.errors import ConfigError
+
+    def fail(error):
+        def run(cfg):
+            raise error
+        return run
+
+    job = SweepJob("stamp", None, debug=False)
+    job.run = fail(ConfigError("train.lr: must be > 0"))
+    with pytest.raises(SystemExit) as exit_:
+        job(None)
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: train.lr: must be > 0\n"
+    job.run = fail(RuntimeError("a bug"))  # not the user's: the traceback
+    with pytest.raises(RuntimeError):
+        job(None)
+    job = SweepJob("stamp", None, debug=True)
+    job.run = fail(ConfigError("train.lr: must be > 0"))
+    with pytest.raises(ConfigError):  # --debug: the traceback
+        job(None)
+

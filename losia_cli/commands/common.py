@@ -7,11 +7,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from losia_cli.errors import LosiaError, cannot_write
+
 
 def print_error(message: str) -> None:
     """The one line a user mistake gets (bold red `error:` on a terminal)."""
     label = "\033[1;31merror:\033[0m" if sys.stderr.isatty() else "error:"
     print(label, message, file=sys.stderr)
+
+
+def error_line(e: Exception, debug: bool) -> str | None:
+    """The one line an exception prints as (a LosiaError's message, a full disk), or None when it is a
+    bug or --debug is on: then the caller re-raises and the traceback shows."""
+    if debug:
+        return None
+    return str(e) if isinstance(e, LosiaError) else cannot_write(e)
 
 
 def command_parser(subparsers, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:

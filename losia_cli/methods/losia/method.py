@@ -363,7 +363,8 @@ class LosiaMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         if len(state["restarts"]) != len(self.slots):
             saved = len(state["restarts"])
-            raise ValueError(f"checkpoint has {saved} LoSiA slots, the model {len(self.slots)}")
+            raise ConfigError(f"run.resume: the checkpoint has {saved} LoSiA slots, this model and method config "
+                              f"{len(self.slots)}")
         self.next_step = state["next_step"]
         self.restarts = list(state["restarts"])
         for t in self.targets:  # scoring restarts from zero EMAs, then takes the saved ones
@@ -372,7 +373,7 @@ class LosiaMethod(Method):
         self._set_scoring(self.next_step)
         active = {t.name: t.module.scorer for t in self.targets if t.module.scorer is not None}
         if set(active) != set(state["scorers"]):
-            raise ValueError("checkpoint's LoSiA scoring layers do not match its step")
+            raise ConfigError("run.resume: the checkpoint's LoSiA scoring layers do not match its step")
         for name, scorer in active.items():
             scorer.load_state_dict(state["scorers"][name])
 
