@@ -242,9 +242,11 @@ def floors() -> dict[str, int]:
 
 
 def floor_of(module: str, rooms: dict[str, int]) -> int | None:
-    """The floor of the longest room that is `module` or a package holding it."""
+    """The floor of the longest room that is `module` or a package holding it (the room `losia_cli` is
+    the package's own __init__ only, or it would hold every module)."""
     parts = module.split(".")
-    return next((rooms[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in rooms), None)
+    names = [".".join(parts[:i]) for i in range(len(parts), 1, -1)] or [module]
+    return next((rooms[name] for name in names if name in rooms), None)
 
 
 def upward_imports(graph: dict[str, set[str]], rooms: dict[str, int]) -> list[str]:
