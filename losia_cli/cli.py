@@ -9,8 +9,7 @@ import os
 import sys
 import warnings
 
-from losia_cli.commands.common import print_error
-from losia_cli.errors import LosiaError, cannot_write
+from losia_cli.commands.common import error_line, print_error
 
 # One module per command (losia_cli/commands/), imported only when needed: `losia bench` on a bare
 # GPU image must not pull in the training stack (datasets, accelerate's launcher, ...).
@@ -71,16 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(debug, args.command)
     try:
         return args.run(args)
-    except LosiaError as e:
-        if debug:
-            raise
-        print_error(str(e))
-        return 2
     except Preempted as e:
         print(e, file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except Exception as e:
-        if debug or not (line := cannot_write(e)):
+    except Exception as e:  # a user mistake or a full disk: one line; anything else: the traceback
+        if not (line := error_line(e, debug)):
             raise
         print_error(line)
         return 2

@@ -77,7 +77,7 @@ def check_disjoint(data_cfg, specs: list[str], limit: int | None, tokenizer) -> 
     """Refuse (DataError, one line) when any item of the eval task specs appears in the rows training
     reads (after max_samples and val_split), compared by prompt."""
     from losia_cli.data.dataset import resolve_task, select_rows, split_parts
-    from losia_cli.data.errors import DataError
+    from losia_cli.errors import DataError
     from losia_cli.data.sources import Source, prepare_rows
     from losia_cli.data.tasks import get_task
     from losia_cli.eval.command import load_rows
@@ -105,10 +105,10 @@ def compare(methods: list[str], overrides: list[str], console: Console, recipes:
             seeds: list[int] | None = None, lr_grid: list[float] | None = None,
             val_tasks: list[str] | None = None) -> Path:
     from losia_cli.compose import load_config
-    from losia_cli.engine.loop import train
-    from losia_cli.engine.rundir import timestamp
     from losia_cli.eval.command import load_target, run_eval
     from losia_cli.models import best_device, load_model, load_tokenizer, resolve_model_path
+    from losia_cli.provenance import timestamp
+    from losia_cli.workflow import train
 
     stamp = timestamp()
 

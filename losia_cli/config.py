@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_mode
 
 from losia_cli.data.config import DataConfig
 from losia_cli.errors import ConfigError, omegaconf_message
-from losia_cli.eval.config import EvalConfig
+from losia_cli.extras import require
 from losia_cli.methods import config_classes, method_class, method_names
-from losia_cli.schema import RULES, Seed, Section, refuse_bool
+from losia_cli.schema import RULES, EvalConfig, Seed, Section, refuse_bool
 
 # Method configs are plain dataclasses (pydantic-free for `losia bench`, see methods/base.py); as
 # sections of the run schema they follow its rules too.
@@ -172,9 +172,8 @@ class RunSection(Section):
     @field_validator("loggers")
     @classmethod
     def _installed(cls, loggers: list[str]) -> list[str]:
-        from losia_cli.engine.loggers import check_installed
-
-        check_installed(loggers)  # at start, not after the model has loaded
+        for name in loggers:  # at start, not after the model has loaded (package = extra = logger name)
+            require(name, f"'losia-cli[{name}]'", f"logger {name}")
         return loggers
 
 

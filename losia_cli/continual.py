@@ -27,14 +27,15 @@ from rich.console import Console
 from rich.table import Table
 
 from losia_cli import atomic
-from losia_cli.config import ConfigError, RunConfig, StageConfig, format_validation_error
+from losia_cli.config import RunConfig, StageConfig, format_validation_error
 from losia_cli.engine import checkpoint
-from losia_cli.engine.loop import train
 from losia_cli.engine.rundir import RunLock, check_fresh, continual_start, name_run
 from losia_cli.engine.validation import mean_target_loss
+from losia_cli.errors import ConfigError
 from losia_cli.merge import merge
 from losia_cli.methods import exports_adapter
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
+from losia_cli.workflow import train
 
 # The headline metric of each eval kind: generate, code, multiple choice.
 PRIMARY_METRICS = ("exact_match", "pass@1", "acc")

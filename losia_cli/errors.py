@@ -68,6 +68,24 @@ class ExportError(LosiaError, ValueError):
     """A model this exporter cannot write, or a file that failed verification."""
 
 
+class CodeExecutionNotAllowed(LosiaError, PermissionError):
+    """Generated code would run without an explicit opt-in, or unsandboxed without the explicit unsafe
+    opt-in (eval/sandbox.py)."""
+
+    def __init__(self, what: str = "this evaluation", reason: str | None = None):
+        if reason is None:
+            super().__init__(f"{what} executes model-generated code; pass allow_code_exec=true to allow it "
+                             "(it runs sandboxed: namespaces, time/memory/process limits, no network)")
+        else:
+            super().__init__(f"{what} executes model-generated code, but the sandbox is unavailable here "
+                             f"({reason}); pass allow_code_exec=unsafe to run it with only time and "
+                             "memory limits")
+
+
+class MissingPackageError(LosiaError, ValueError):
+    """An optional package a feature needs is not installed (losia_cli/extras.py `require`)."""
+
+
 def omegaconf_message(e: Exception) -> str:
     """An OmegaConf error (a bad interpolation, an unparsable value) as one line naming its key."""
     text = re.sub(r"^\w+ raised while resolving interpolation: \"?(.*?)\"?$", r"\1", str(e).strip().splitlines()[0])

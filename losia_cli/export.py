@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 
 from losia_cli import atomic
 from losia_cli.errors import ExportError
+from losia_cli.extras import installed
 from losia_cli.models import probe_tokens
 
 OUTTYPES = ("f16", "bf16", "q8_0")
@@ -206,7 +206,7 @@ def _add_bpe_vocab(writer, tokenizer, vocab_size: int) -> None:
 def _sentencepiece(tokenizer):
     """The tokenizer's sentencepiece model, or None: no sentencepiece package, no tokenizer.model
     beside the tokenizer (a run's final/ has none), or one holding another vocabulary (stale)."""
-    if importlib.util.find_spec("sentencepiece") is None:
+    if installed("sentencepiece") is None:
         return None
     from sentencepiece import SentencePieceProcessor
 

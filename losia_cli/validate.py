@@ -12,7 +12,8 @@ from rich.console import Console
 
 from losia_cli.config import RunConfig
 from losia_cli.data import build_dataset, render_samples
-from losia_cli.models import ModelError, load_tokenizer, resolve_model_path
+from losia_cli.errors import ModelError
+from losia_cli.models import load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
 

@@ -1,4 +1,4 @@
-"""An independent plain-PyTorch LoSiA, written from the method doc (sections 3-5), for the tests.
+"""An independent plain-PyTorch LoSiA, written from docs/method.md (sections 3-5), for the tests.
 
 Nothing here comes from `losia_cli.methods.losia`. It trains the way the reference code does: every
 targeted W stays a full trainable tensor, backward forms the full W.grad, the optimizer sees W.grad[R, C]
@@ -9,7 +9,7 @@ output head last) and the data (`test_losia_support.batch`).
 
 `adamw="torch"` steps the blocks with torch.optim.AdamW (our default optimizer); `adamw="hf"` with the
 reference's HF-style AdamW (eps added to sqrt(v) before the bias correction, step counter kept across
-resets: doc 5.1-5.3) and the reference's rewarm formula (doc 5.4).
+resets: docs/method.md 5.1-5.3) and the reference's rewarm formula (docs/method.md 5.4).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Block:
 
 
 class HFAdamW:
-    """The reference's AdamW for one param group (doc 5.2): eps added to sqrt(v) before bias
+    """The reference's AdamW for one param group (docs/method.md 5.2): eps added to sqrt(v) before bias
     correction, decoupled decay on the block after the update, moments zeroed (step kept) on reset."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-6):
@@ -84,7 +84,7 @@ def base_lr_factor(t: int, total: int, warmup: int, rho: float) -> float:
 
 
 def rewarm_factor(t: int, restart, ramp: int, total: int, warmup: int, rho: float, hf: bool) -> float:
-    if hf:  # doc 5.4, cosine_restarts: the ramp aims at c(t_r/(N-W)), then the LR jumps to the curve
+    if hf:  # docs/method.md 5.4, cosine_restarts: the ramp aims at c(t_r/(N-W)), then the LR jumps to the curve
         restart = restart or 0
         if t < warmup:
             return t / warmup
@@ -106,7 +106,7 @@ def top(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select(score: torch.Tensor, k_rows: int, k_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three greedy candidates, largest block mass wins (doc 3.4)."""
+    """Three greedy candidates, largest block mass wins (docs/method.md 3.4)."""
     rows_ind, cols_ind = top(score.sum(1), k_rows), top(score.sum(0), k_cols)
     rows_first = top(score[rows_ind].sum(0), k_cols)
     cols_first = top(score[:, cols_ind].sum(1), k_rows)

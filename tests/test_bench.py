@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from losia_cli.bench import BenchError, run_bench, timing_table
+from losia_cli.bench import run_bench, timing_table
+from losia_cli.errors import BenchError
 from losia_cli.cli import build_parser
 from losia_cli.errors import UsageError
 
@@ -56,7 +57,7 @@ def test_run_bench_micro_fields_and_ratios():
         assert (parts["optimizer"] > 0) == (name != "floor"), name
         assert (parts.get("write_through", 0) > 0) == (name == "losia_pro"), name  # delta: no W written per step
     assert "| method | forward | backward | optimizer |" in timing_table(report)
-    if "losia_pro" in results:  # parameter parity with LoRA at the same rank (method doc 3.2)
+    if "losia_pro" in results:  # parameter parity with LoRA at the same rank (docs/method.md 3.2)
         assert results["losia_pro"]["trainable_params"] == pytest.approx(lora["trainable_params"], rel=0.2)
         # The delta form trains the same blocks; only when W is written differs.
         assert results["losia_pro_delta"]["trainable_params"] == results["losia_pro"]["trainable_params"]

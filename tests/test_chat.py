@@ -8,7 +8,8 @@ import json
 import pytest
 
 from losia_cli import chat as chat_module
-from losia_cli.chat import ChatError, Sampling, chat, set_chat_template
+from losia_cli.chat import Sampling, chat, set_chat_template
+from losia_cli.errors import ChatError
 from losia_cli.cli import main
 
 
@@ -39,7 +40,7 @@ def test_chat_on_a_tiny_model_from_stdin(monkeypatch, capsys, tiny_llama_dir):
 
 
 def test_chat_on_a_lora_run_dir(monkeypatch, capsys, tiny_config):
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
 
     run_dir = train(tiny_config("chat", "method=lora", "train.max_steps=1"))
     capsys.readouterr()

@@ -9,7 +9,8 @@ import yaml
 
 from losia_cli.cli import main
 from losia_cli.compose import load_config
-from losia_cli.config import ConfigError, RunConfig
+from losia_cli.config import RunConfig
+from losia_cli.errors import ConfigError
 from losia_cli.continual import (
     backward_transfer,
     forgetting,

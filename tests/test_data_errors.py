@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from losia_cli.data import DataConfig, DataError, build_dataset, get_task
+from losia_cli.data import DataConfig, build_dataset, get_task
+from losia_cli.errors import DataError
 from losia_cli.data.sources import samples_dir
 from losia_cli.resources import templates_dir
 

@@ -8,7 +8,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from losia_cli.data import DataConfig, DataError, build_dataset, render_samples
+from losia_cli.data import DataConfig, build_dataset, render_samples
+from losia_cli.errors import DataError
 
 IGNORE = -100
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from losia_cli.data import DataConfig, DataError, build_dataset
+from losia_cli.data import DataConfig, build_dataset
+from losia_cli.errors import DataError
 from losia_cli.data.dataset import mixture_order
 
 GSM8K, ALPACA = "bundled:gsm8k_sample", "bundled:alpaca_sample"  # 64 and 12 rows

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from losia_cli.compose import load_config
-from losia_cli.config import ConfigError, RunConfig
+from losia_cli.config import RunConfig
+from losia_cli.errors import ConfigError
 from losia_cli.launch import launch_command
 
 from test_losia_support import FP64_ATOL

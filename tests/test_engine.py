@@ -13,10 +13,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.engine import checkpoint
 from losia_cli.engine import step as step_driver
-from losia_cli.engine.loop import train
+from losia_cli.workflow import train
 
 from test_losia_support import FP64_ATOL
 

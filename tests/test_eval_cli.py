@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from losia_cli.cli import main
-from losia_cli.engine.loop import train
+from losia_cli.workflow import train
 
 
 def run(capsys, *argv):

@@ -136,7 +136,7 @@ def test_fuzz_special_files(sandbox, summary):
 def finished_run(tiny_llama_dir, tmp_path_factory):
     """One finished run, built once: full fine-tuning of the tiny Llama, a checkpoint at each step."""
     from losia_cli.compose import load_config
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
 
     overrides = [f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "train.micro_batch_size=4",
                  "train.max_steps=2", "train.warmup_ratio=0", "method=full", "train.save_every=1"]

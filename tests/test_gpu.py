@@ -101,7 +101,7 @@ METHODS = {
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_resumes_and_merges_in_bf16(name, tiny_config, tmp_path):
-    from losia_cli.engine.loop import train as train_run
+    from losia_cli.workflow import train as train_run
     from losia_cli.merge import merge
 
     if name == "galore" and importlib.util.find_spec("galore_torch") is None:

@@ -1,9 +1,12 @@
-"""The house rules of losia_cli: no import cycles, no function over 100 lines, a torch-free `--help`,
-`--debug` after the sub-command, and user mistakes as one-line `LosiaError`s."""
+"""The house rules of losia_cli: no import cycles, no import up a floor (docs/architecture.md, section 1),
+no function over 100 lines, a torch-free `--help`, `--debug` after the sub-command, user mistakes as
+one-line `LosiaError`s from losia_cli/errors.py, optional packages through extras.require, and every
+citation of docs/ naming a heading."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import losia_cli
+import losia_cli.errors as losia_errors
 from losia_cli.errors import LosiaError
 
 PACKAGE = Path(losia_cli.__file__).parent
@@ -157,27 +161,31 @@ def _eval_with_nothing_to_do(tmp_path):
     from rich.console import Console
 
     from losia_cli.eval.command import run_eval
-    from losia_cli.eval.config import EvalConfig
+    from losia_cli.schema import EvalConfig
 
     run_eval(None, None, EvalConfig(forgetting=False), tmp_path, {}, Console())
 
 
-def _logger_not_installed(tmp_path):
-    import importlib.util
+def _losia_resumed_on_another_model(tmp_path):
+    from losia_cli.methods.losia import LosiaConfig, LosiaMethod
 
-    from losia_cli.engine.loggers import EXTRAS, check_installed
+    method = LosiaMethod(LosiaConfig())
+    _prepare(method)
+    method.load_state_dict({**method.state_dict(), "restarts": [0] * 7})  # saved by a 6-layer model
 
-    missing = [name for name, (module, _) in EXTRAS.items() if importlib.util.find_spec(module) is None]
-    if not missing:
-        pytest.skip("every logger package is installed")
-    check_installed(missing[:1])
+
+def _package_not_installed(tmp_path):
+    from losia_cli.extras import require
+
+    require("losia_no_such_package", "no-such-package", "feature x")
 
 
 @pytest.mark.parametrize("mistake, message", [
     (_losia_without_targets, "no nn.Linear matched method.target_modules"),
     (_galore_without_targets, "no 2-D weight matches target_modules"),
     (_eval_with_nothing_to_do, "nothing to evaluate"),
-    (_logger_not_installed, "needs the .* package"),
+    (_losia_resumed_on_another_model, "^run.resume: the checkpoint has 7 LoSiA slots, this model and method config 2$"),
+    (_package_not_installed, "^feature x needs the losia_no_such_package package: pip install no-such-package$"),
 ])
 def test_user_mistakes_are_losia_errors(mistake, message, tmp_path):
     """A LosiaError is what the CLI prints as one line; a plain ValueError would be a traceback."""
@@ -189,7 +197,7 @@ def test_one_key_value_grammar_for_eval_and_bench_options():
     from losia_cli.commands.bench import BenchOptions
     from losia_cli.compose import parse_options
     from losia_cli.errors import ConfigError, UsageError
-    from losia_cli.eval.config import EvalConfig
+    from losia_cli.schema import EvalConfig
 
     cfg = parse_options(["tasks=[gsm8k@bundled:gsm8k_sample,boolq]", "limit=2", "allow_code_exec=true"], EvalConfig)
     assert cfg.tasks == ["gsm8k@bundled:gsm8k_sample", "boolq"] and cfg.limit == 2 and cfg.allow_code_exec
@@ -213,3 +221,132 @@ def test_compare_reads_methods_in_the_same_grammar(monkeypatch):
     assert main(["compare"]) == 0
     assert calls == [(["losia_pro", "lora"], ["train.max_steps=2"]), (["lora", "full"], []),
                      (["losia_pro", "lora", "full"], [])]
+
+
+# --- the floors, the docs and the one-place rules (docs/architecture.md, sections 1 and 6) -----------
+
+REPO = PACKAGE.parent
+DOCS = REPO / "docs"
+
+
+def floors() -> dict[str, int]:
+    """Room (a module or package name) -> floor, from the ```floors block of docs/architecture.md."""
+    text = (DOCS / "architecture.md").read_text()
+    block = re.search(r"^```floors\n(.*?)^```", text, re.M | re.S)
+    assert block, "docs/architecture.md has no ```floors block"
+    rooms = {}
+    for line in block.group(1).splitlines():
+        number, names = re.fullmatch(r"(\d+) +\w+: +(.+)", line.strip()).groups()
+        rooms.update({name: int(number) for name in names.split()})
+    return rooms
+
+
+def floor_of(module: str, rooms: dict[str, int]) -> int | None:
+    """The floor of the longest room that is `module` or a package holding it (the room `losia_cli` is
+    the package's own __init__ only, or it would hold every module)."""
+    parts = module.split(".")
+    names = [".".join(parts[:i]) for i in range(len(parts), 1, -1)] or [module]
+    return next((rooms[name] for name in names if name in rooms), None)
+
+
+def upward_imports(graph: dict[str, set[str]], rooms: dict[str, int]) -> list[str]:
+    return sorted(f"{a} (floor {floor_of(a, rooms)}) -> {b} (floor {floor_of(b, rooms)})"
+                  for a, targets in graph.items() for b in targets if floor_of(b, rooms) > floor_of(a, rooms))
+
+
+def test_every_module_is_on_a_floor():
+    rooms = floors()
+    homeless = [name for name in _modules() if floor_of(name, rooms) is None]
+    assert not homeless, f"modules on no floor (docs/architecture.md, section 1): {homeless}"
+
+
+def test_no_module_imports_a_higher_floor():
+    upward = upward_imports(import_graph(_modules()), floors())
+    assert not upward, "imports up a floor:\n" + "\n".join(upward)
+
+
+def test_the_floor_check_sees_an_upward_import():
+    rooms = {"losia_cli.engine": 3, "losia_cli.eval": 4}
+    modules = {"losia_cli.engine.loop": ast.parse("def f():\n    from losia_cli.eval.command import run_eval\n"),
+               "losia_cli.eval.command": ast.parse("")}
+    assert upward_imports(import_graph(modules), rooms) == [
+        "losia_cli.engine.loop (floor 3) -> losia_cli.eval.command (floor 4)"]
+
+
+_CITATION = re.compile(r"docs/(method|architecture)\.md,?\s*\(?(?:sections?\s+)?"
+                       r"(\d+(?:\.\d+)?(?:\s*(?:-|–|,|and)\s*\d+(?:\.\d+)?)*)")
+
+
+def _cited_files() -> list[Path]:
+    roots = [PACKAGE, REPO / "tests", REPO / "recipes", REPO / "benchmarks", REPO / "README.md"]
+    return [p for root in roots for p in ([root] if root.is_file() else sorted(root.rglob("*")))
+            if p.is_file() and p.suffix in (".py", ".md", ".yaml") and "results" not in p.parts]
+
+
+def test_every_doc_citation_names_a_heading():
+    headings = {
+        doc: set(re.findall(r"^#{1,6} +(\d+(?:\.\d+)*)\.? ", (DOCS / f"{doc}.md").read_text(), re.M))
+        for doc in ("method", "architecture")
+    }
+    cited, broken, stale = 0, [], []
+    for path in _cited_files():
+        text = path.read_text()
+        where = path.relative_to(REPO)
+        if path.name != "test_house.py":
+            stale += [f"{where}: {m}" for m in re.findall(r"method doc|architecture page", text)]
+        for doc, numbers in _CITATION.findall(text):
+            for number in re.findall(r"\d+(?:\.\d+)?", numbers):
+                cited += 1
+                if number not in headings[doc]:
+                    broken.append(f"{where}: docs/{doc}.md {number}")
+    assert not stale, f"citations of docs outside the repository: {stale}"
+    assert not broken, f"citations naming no heading: {broken}"
+    assert cited > 30  # the code does cite them: a regex that finds nothing would pass vacuously
+
+
+def _calls_named(tree: ast.Module, name: str) -> bool:
+    return any(isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == name or
+                                               getattr(node.func, "id", None) == name)
+               for node in ast.walk(tree))
+
+
+def test_optional_packages_are_checked_through_require():
+    checking = [name for name, tree in _modules().items()
+                if name != "losia_cli.extras" and _calls_named(tree, "find_spec")]
+    assert not checking, f"find_spec outside losia_cli/extras.py (use extras.require / installed): {checking}"
+
+
+def test_error_classes_are_imported_from_errors():
+    """One family, one module: no error class is imported through another module (config, data, merge)."""
+    trees = {**_modules(), **{f"tests.{p.stem}": ast.parse(p.read_text()) for p in (REPO / "tests").glob("*.py")}}
+    detours = [f"{name}: from {node.module} import {alias.name}"
+               for name, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("losia_cli")
+               and node.module != "losia_cli.errors"
+               for alias in node.names if alias.name.endswith("Error") and hasattr(losia_errors, alias.name)]
+    assert not detours, f"error classes imported around losia_cli/errors.py: {detours}"
+
+
+def test_a_sweep_job_prints_a_mistake_as_one_line(capsys):
+    """The sweep job (commands/train.py) and cli.main share commands/common.error_line."""
+    from losia_cli.commands.train import SweepJob
+    from losia_cli.errors import ConfigError
+
+    def fail(error):
+        def run(cfg):
+            raise error
+        return run
+
+    job = SweepJob("stamp", None, debug=False)
+    job.run = fail(ConfigError("train.lr: must be > 0"))
+    with pytest.raises(SystemExit) as exit_:
+        job(None)
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: train.lr: must be > 0\n"
+    job.run = fail(RuntimeError("a bug"))  # not the user's: the traceback
+    with pytest.raises(RuntimeError):
+        job(None)
+    job = SweepJob("stamp", None, debug=True)
+    job.run = fail(ConfigError("train.lr: must be > 0"))
+    with pytest.raises(ConfigError):  # --debug: the traceback
+        job(None)
+

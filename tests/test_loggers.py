@@ -13,7 +13,7 @@ import torch
 
 from losia_cli.cli import main
 from losia_cli.compose import load_config
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.engine.records import RunRecords
 
 CONFIG = {"run": {"name": "demo", "loggers": [], "wandb_project": "losia-test"},
@@ -58,7 +58,7 @@ def test_tensorboard_gets_metrics_and_report(tmp_path):
 
 def test_training_run_logs_each_step_to_tensorboard(tiny_config):
     pytest.importorskip("tensorboard", reason="tensorboard not installed (pip install 'losia-cli[tensorboard]')")
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
 
     run_dir = train(tiny_config("tb", "method=lora", "train.max_steps=2", "run.loggers=[tensorboard]"))
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

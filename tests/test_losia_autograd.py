@@ -1,4 +1,4 @@
-"""The compact autograd function and SubnetLinear against a dense nn.Linear (method doc 6.2, 12)."""
+"""The compact autograd function and SubnetLinear against a dense nn.Linear (docs/method.md 6.2, 12)."""
 
 from __future__ import annotations
 

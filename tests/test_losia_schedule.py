@@ -1,4 +1,4 @@
-"""Time slots, re-localization steps and the rewarmed LR (method doc 4.1, 5.4, 12)."""
+"""Time slots, re-localization steps and the rewarmed LR (docs/method.md 4.1, 5.4, 12)."""
 
 from __future__ import annotations
 

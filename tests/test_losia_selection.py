@@ -1,4 +1,4 @@
-"""Block selection and importance scores on small hand-made tensors (method doc 3.3-3.5)."""
+"""Block selection and importance scores on small hand-made tensors (docs/method.md 3.3-3.5)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.engine.loop import train
 from losia_cli.engine.memory import PARTS
 from losia_cli.report.html import render

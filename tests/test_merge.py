@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from losia_cli import merge as merge_module
 from losia_cli.cli import main
-from losia_cli.engine.loop import train
-from losia_cli.merge import MergeError, merge
+from losia_cli.workflow import train
+from losia_cli.errors import MergeError
+from losia_cli.merge import merge
 
 
 @pytest.fixture

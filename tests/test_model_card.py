@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from losia_cli.cli import main
-from losia_cli.engine.loop import train
+from losia_cli.workflow import train
 
 
 def _front_matter(text: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.data import DataConfig, DataError, build_dataset, make_collator, render_samples
 from losia_cli.engine.loop import train
 

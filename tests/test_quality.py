@@ -149,7 +149,7 @@ def test_benchmark_splits_are_disjoint_and_the_check_catches_a_leak(tmp_path):
 
 
 def test_general_text_file_is_read_or_refused(tmp_path):
-    from losia_cli.data.errors import DataError
+    from losia_cli.errors import DataError
     from losia_cli.eval.forgetting import general_text_loss
 
     with pytest.raises(DataError, match="no such file"):

@@ -215,7 +215,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
 @pytest.mark.slow
 def test_report_on_a_real_tiny_losia_pro_run(tiny_config):
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
 
     run = train(tiny_config("real", "method=losia_pro", "method.period=2", "train.max_steps=6",
                             "train.save_every=3"))

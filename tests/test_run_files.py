@@ -15,7 +15,7 @@ import pytest
 from losia_cli.cli import main
 from losia_cli.compose import load_config
 from losia_cli.engine import step as step_driver
-from losia_cli.engine.loop import train
+from losia_cli.workflow import train
 
 TINY = ("data.max_length=64", "train.micro_batch_size=4", "train.warmup_ratio=0", "train.max_steps=2")
 

@@ -15,11 +15,12 @@ import yaml
 
 from losia_cli import atomic
 from losia_cli.cli import main
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.engine import checkpoint, rundir
 from losia_cli.engine import step as step_driver
-from losia_cli.engine.loop import train
-from losia_cli.merge import MergeError, merge
+from losia_cli.workflow import train
+from losia_cli.errors import MergeError
+from losia_cli.merge import merge
 
 TINY = ("data.max_length=64", "train.micro_batch_size=4", "train.warmup_ratio=0")
 

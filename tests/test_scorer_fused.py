@@ -9,7 +9,7 @@ import torch
 from losia_cli.methods.losia import importance
 from losia_cli.methods.losia.importance import Scorer, compile_by_default
 
-# I_t written out independently of importance.py (method doc 3.3).
+# I_t written out independently of importance.py (docs/method.md 3.3).
 SENSITIVITY = {
     "param_mix": lambda wg: (wg - wg**2 / 2).abs(), "param_first": torch.abs, "param_second": torch.square,
 }

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from losia_cli.cli import main
-from losia_cli.slurm import SlurmError, SlurmOptions, prepare, render, time_limit_seconds
+from losia_cli.errors import SlurmError
+from losia_cli.slurm import SlurmOptions, prepare, render, time_limit_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from test_engine import crash_then_resume, final_weights
 from test_losia_support import VOCAB, tiny_llama
 
-from losia_cli.engine.loop import train
+from losia_cli.workflow import train
 from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
 
 

@@ -44,7 +44,8 @@ from losia_cli.bench.meta import cost_table, markdown_table
 from losia_cli.bench.plot import load_report, plot_report, timing_table
 from losia_cli.bench.runner import BETAS, EPS, LR, METHODS, Runner
 from losia_cli.bench.shapes import SHAPES, make_batch, vocab_size
-from losia_cli.engine.records import device_name, model_flops_utilisation, percentile, versions
+from losia_cli.engine.records import device_name, model_flops_utilisation, percentile
+from losia_cli.provenance import versions
 from losia_cli.errors import BenchError
 from losia_cli.models import DTYPES
 

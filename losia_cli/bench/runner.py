@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 
 import torch
@@ -13,6 +12,7 @@ from losia_cli.bench.shapes import Batch, build_model
 from losia_cli.engine import memory
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.errors import BenchError
+from losia_cli.extras import require
 from losia_cli.methods import Method, TrainContext, WarmupCosine, method_class, method_names
 from losia_cli.methods.base import DeviceTimer
 
@@ -48,9 +48,8 @@ def make_method(name: str, lora_rank: int, rank_factor: float | None, period: in
         raise BenchError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
     base = name.removesuffix("_delta").removesuffix("_bf16")
     cls = method_class(base)
-    if cls.requires and importlib.util.find_spec(cls.requires[0]) is None:
-        package = cls.requires[1]
-        raise BenchError(f"method {name} needs the package {package}: pip install {package}")
+    if cls.requires:
+        require(*cls.requires, f"method {name}")
     cfg = cls.sized_config(base, lora_rank, rank_factor=rank_factor, period=period)
     if name == "lora_bf16":
         cfg = dataclasses.replace(cfg, adapter_dtype="base")

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from losia_cli.errors import LosiaError, cannot_write
+
 
 def print_error(message: str) -> None:
     """The one line a user mistake gets (bold red `error:` on a terminal).
@@ -16,6 +18,14 @@ def print_error(message: str) -> None:
     label = "\033[1;31merror:\033[0m" if sys.stderr.isatty() else "error:"
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     print(label, line, file=sys.stderr)
+
+
+def error_line(e: Exception, debug: bool) -> str | None:
+    """The one line an exception prints as (a LosiaError's message, a full disk), or None when it is a
+    bug or --debug is on: then the caller re-raises and the traceback shows."""
+    if debug:
+        return None
+    return str(e) if isinstance(e, LosiaError) else cannot_write(e)
 
 
 def command_parser(subparsers, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:

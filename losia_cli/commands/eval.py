@@ -8,7 +8,8 @@ from losia_cli.commands.common import command_parser
 from losia_cli.commands.console import console
 from losia_cli.compose import parse_options
 from losia_cli.errors import UsageError
-from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig
+from losia_cli.eval.defaults import DEFAULT_SOURCES
+from losia_cli.schema import EvalConfig
 
 EXAMPLES = """\
 examples:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from losia_cli.commands.common import add_recipes_option, command_parser, print_error
+from losia_cli.commands.common import add_recipes_option, command_parser, error_line, print_error
 from losia_cli.commands.console import console
 from losia_cli.compose import is_config_file, load_config, sweep_words
-from losia_cli.errors import LosiaError, UsageError, cannot_write
+from losia_cli.errors import UsageError
 from losia_cli.resources import recipes_dir
 
 EXAMPLES = """\
@@ -39,7 +39,7 @@ def run(args) -> int:
 
 def train_or_launch(cfg, overrides: list[str], recipes: Path | None) -> int:
     """Train `cfg` here, relaunch it over several processes, or run its continual stages; the exit code."""
-    from losia_cli.engine.loop import train
+    from losia_cli.workflow import train
     from losia_cli.engine.rundir import name_run
     from losia_cli.launch import needs_launch, relaunch
 
@@ -57,7 +57,7 @@ def _multirun(args) -> int:
     """Sweeps go through Hydra's own launcher machinery (basic, or submitit for Slurm)."""
     import hydra
 
-    from losia_cli.engine.rundir import timestamp
+    from losia_cli.provenance import timestamp
 
     if args.overrides and is_config_file(args.overrides[0]):
         raise UsageError("sweeps (-m) compose recipes: use recipe=NAME (or --recipes DIR), not a config file")
@@ -81,8 +81,7 @@ class SweepJob:
         try:
             self.run(cfg)
         except Exception as e:  # one line, as outside sweeps (cli.main); Hydra would print a traceback
-            line = str(e) if isinstance(e, LosiaError) else cannot_write(e)
-            if self.debug or not line:
+            if not (line := error_line(e, self.debug)):
                 raise
             print_error(line)
             raise SystemExit(2) from None

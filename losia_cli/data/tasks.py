@@ -35,10 +35,24 @@ import jinja2.sandbox
 import pydantic
 import yaml
 
-from losia_cli.data.errors import DataError
 from losia_cli.data.sources import check_readable
-from losia_cli.eval.extract import last_boxed
+from losia_cli.errors import DataError
 from losia_cli.resources import templates_dir
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} or \fbox{...}, with nested braces balanced. Here, on the data
+    floor, for the templates' `last_boxed` filter (MATH targets); eval/extract.py reads answers with it."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
 
 
 class Conversation(pydantic.BaseModel, extra="forbid"):

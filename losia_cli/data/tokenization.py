@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from losia_cli.data.errors import DataError
 from losia_cli.data.tasks import Task
+from losia_cli.errors import DataError
 
 IGNORE = -100
 CHUNK_ROWS = 512

@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from losia_cli import atomic
-from losia_cli.config import ConfigError
 from losia_cli.engine.distributed import deepspeed_optimizer
+from losia_cli.errors import ConfigError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"

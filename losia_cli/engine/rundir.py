@@ -15,18 +15,13 @@ import json
 import os
 import shutil
 import socket
-from datetime import datetime
 from pathlib import Path
 
 from losia_cli.atomic import RUN_FILES
-from losia_cli.config import ConfigError, RunConfig
+from losia_cli.config import RunConfig
 from losia_cli.engine import checkpoint
-from losia_cli.errors import RunFileError
-
-
-def timestamp() -> str:
-    """The local time as it appears in run and output dir names."""
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
+from losia_cli.errors import ConfigError, RunFileError
+from losia_cli.provenance import timestamp
 
 
 def default_run_name(cfg: RunConfig, stamp: str | None = None) -> str:

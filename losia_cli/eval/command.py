@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from losia_cli.eval.config import DEFAULT_SOURCES, EvalConfig
+from losia_cli.config import ModelConfig
+from losia_cli.eval.defaults import DEFAULT_SOURCES
+from losia_cli.schema import EvalConfig
 
 
 def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
     """(task name, rows) for TASK or TASK@SOURCE, loaded through the data pipeline."""
-    from losia_cli.data import DataConfig, DataError, get_task
+    from losia_cli.data import DataConfig, get_task
+    from losia_cli.errors import DataError
     from losia_cli.data.sources import Source, prepare_rows
 
     name, _, source = spec.partition("@")
@@ -39,9 +42,8 @@ def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
 
 def load_target(target: str):
     """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
-    from losia_cli.engine.rundir import timestamp
-    from losia_cli.config import ModelConfig
     from losia_cli.models import best_device, load_model, load_run_model, load_tokenizer, resolve_model_path
+    from losia_cli.provenance import timestamp
 
     path = Path(target)
     marker = path / "config.yaml"

@@ -7,6 +7,8 @@ import math
 import re
 from fractions import Fraction
 
+from losia_cli.data.tasks import last_boxed
+
 # A number as models write it: sign, currency, thousands commas, decimals, a fraction, percent.
 _NUMBER = re.compile(
     r"(?<![\w.])(?:-\s?)?[$€£¥]?\s?(?:-\s?)?"
@@ -15,20 +17,6 @@ _NUMBER = re.compile(
 )
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
 _ANSWER_IS = re.compile(r"(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
-
-
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} or \fbox{...}, with nested braces balanced."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start)
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None
 
 
 def normalize_number(text: str) -> float | None:

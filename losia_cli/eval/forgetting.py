@@ -38,7 +38,7 @@ def general_text_loss(model, tokenizer, texts: list[str] | tuple[str, ...] | Non
     """Token-weighted mean next-token loss over `texts` (default: the built-in paragraphs; or the
     non-empty paragraphs of the text file `path`). Returns {loss, tokens, texts}."""
     if path is not None:
-        from losia_cli.data.errors import DataError
+        from losia_cli.errors import DataError
         from losia_cli.data.sources import check_readable
 
         check_readable(Path(path), "eval.general_text", folders=False)

@@ -21,7 +21,7 @@ def _harness():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        from losia_cli.models import ModelError
+        from losia_cli.errors import ModelError
 
         raise ModelError("backend=lm_eval needs lm-evaluation-harness: pip install 'losia-cli[lm_eval]'") from None
     return evaluator, HFLM, TaskManager
@@ -53,7 +53,7 @@ def _our_shape(task: str, output: dict) -> dict:
 
 def run_lm_eval(model, tokenizer, cfg, out_dir: Path, identity: dict, console: Console) -> dict:
     """Evaluate harness tasks `cfg.tasks` (names, groups or tasks under `cfg.include_path`)."""
-    from losia_cli.data import DataError
+    from losia_cli.errors import DataError
     from losia_cli.eval.forgetting import general_text_loss
     from losia_cli.eval.results import model_identity, results_table, write_results
 

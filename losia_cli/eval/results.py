@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from losia_cli import atomic
-from losia_cli.engine.records import versions
+from losia_cli.provenance import versions
 
 
 def mean_stderr(values: list[float]) -> float:

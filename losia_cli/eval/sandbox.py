@@ -38,23 +38,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from losia_cli.errors import LosiaError
+from losia_cli.errors import CodeExecutionNotAllowed
 
 STATUSES = ("passed", "failed", "timeout", "oom", "error")
-
-
-class CodeExecutionNotAllowed(LosiaError, PermissionError):
-    """Raised when generated code would run without an explicit opt-in, or unsandboxed without
-    the explicit unsafe opt-in."""
-
-    def __init__(self, what: str = "this evaluation", reason: str | None = None):
-        if reason is None:
-            super().__init__(f"{what} executes model-generated code; pass allow_code_exec=true to allow it "
-                             "(it runs sandboxed: namespaces, time/memory/process limits, no network)")
-        else:
-            super().__init__(f"{what} executes model-generated code, but the sandbox is unavailable here "
-                             f"({reason}); pass allow_code_exec=unsafe to run it with only time and "
-                             "memory limits")
 
 
 @dataclass

@@ -90,9 +90,6 @@ class PeftMethod(Method):
 
         cfg = self.cfg
         target_modules, target_parameters = self.targets(model)
-        init = True
-        if cfg.name == "pissa":
-            init = "pissa" if cfg.pissa_niter is None else f"pissa_niter_{cfg.pissa_niter}"
         return LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
@@ -100,9 +97,13 @@ class PeftMethod(Method):
             target_modules=target_modules,
             target_parameters=target_parameters,
             use_dora=cfg.name == "dora",
-            init_lora_weights=init,
+            init_lora_weights=self.init_lora_weights(),
             task_type="CAUSAL_LM",
         )
+
+    def init_lora_weights(self) -> bool | str:
+        """peft's `init_lora_weights`: True is LoRA's own (B = 0)."""
+        return True
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
         from peft import get_peft_model
@@ -120,14 +121,6 @@ class PeftMethod(Method):
             getattr(module, "parameter_name", None) for module in model.modules()
         ):  # peft only warns
             raise ConfigError(f"method.target_parameters={self.cfg.target_parameters!r} matched no parameter")
-        if self.cfg.name == "pissa":
-            # PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the
-            # original base, keep the initial adapter; peft converts the trained one against it.
-            self.pissa_init = tempfile.mkdtemp(prefix="losia-pissa-init-")
-            config = model.peft_config["default"]
-            init, config.init_lora_weights = config.init_lora_weights, True
-            model.save_pretrained(self.pissa_init)
-            config.init_lora_weights = init
         return super().prepare(model, ctx)
 
     def target_account(self) -> dict:
@@ -148,18 +141,32 @@ class PeftMethod(Method):
         why = self.experts_why() or "MoE expert weights, not in method.target_parameters"
         return account(self.candidates, trained, {"experts": why})
 
-    def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
-        if self.cfg.name != "pissa":
-            return super().save(exported, path, state_dict)
-        exported.save_pretrained(path, path_initial_model_for_weight_conversion=self.pissa_init)
-        shutil.rmtree(self.pissa_init, ignore_errors=True)
 
 
 class PissaMethod(PeftMethod):
-    """PiSSA: LoRA initialised from the weights' principal singular vectors (peft's `pissa` init)."""
+    """PiSSA: LoRA initialised from the weights' principal singular vectors (peft's `pissa` init).
+
+    PiSSA replaces the base weights by the residual W - BA. To ship an adapter for the original base,
+    prepare() keeps the initial adapter and save() has peft convert the trained one against it."""
 
     names = ("pissa",)
     unsupported_dist = {
         "fsdp": "dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2",
         "zero3": "dist={dist}: PiSSA's export converts the live (sharded) adapter; use dist=ddp or zero2",
     }
+
+    def init_lora_weights(self) -> str:
+        return "pissa" if self.cfg.pissa_niter is None else f"pissa_niter_{self.cfg.pissa_niter}"
+
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> nn.Module:
+        model = super().prepare(model, ctx)
+        self.pissa_init = tempfile.mkdtemp(prefix="losia-pissa-init-")
+        config = model.peft_config["default"]
+        init, config.init_lora_weights = config.init_lora_weights, True
+        model.save_pretrained(self.pissa_init)
+        config.init_lora_weights = init
+        return model
+
+    def save(self, exported: nn.Module, path, state_dict: dict | None = None) -> None:
+        exported.save_pretrained(path, path_initial_model_for_weight_conversion=self.pissa_init)
+        shutil.rmtree(self.pissa_init, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The runs a report reads, and their summary values.
 
-Reads only the run-dir contract (architecture page, section 5): metrics.jsonl and subnets.jsonl are
+Reads only the run-dir contract (docs/architecture.md, section 3): metrics.jsonl and subnets.jsonl are
 enough, so a crashed run (no report.json, maybe a half-written last line) still gets a report.
 """
 

@@ -1,4 +1,4 @@
-"""The LoSiA-Pro linear: full forward, compact weight gradient (method doc 6.2 and 12).
+"""The LoSiA-Pro linear: full forward, compact weight gradient (docs/method.md 6.2 and 12).
 
 Y = X W^T (+ b) is computed in full. Backward returns
   grad_X   = G W                      (the full weight, so earlier layers get the exact signal),

@@ -1,7 +1,7 @@
 """Configuration of the LoSiA / LoSiA-Pro method (the `method` group of a recipe).
 
-Defaults follow the reference scripts (method doc, sections 3-5 and 7); the `compat_*` flags switch the
-reference's quirks back on (doc section 10, item 7).
+Defaults follow the reference scripts (docs/method.md, sections 3-5 and 7); the `compat_*` flags switch the
+reference's quirks back on (docs/method.md 5.2-5.4 and 10).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class LosiaConfig:
 
     lora_rank: int | None = None
     """When set, p is chosen per matrix as sqrt(r(m+n)/(mn)) so the block has LoRA-rank-r's parameter
-    count (method doc 3.2); `rank_factor` is then ignored."""
+    count (docs/method.md 3.2); `rank_factor` is then ignored."""
 
     period: int = 50
     """T: optimizer steps per time slot; each slot one layer scores, then re-localizes."""
@@ -45,7 +45,7 @@ class LosiaConfig:
     cycle and re-localize together (the ablation)."""
 
     importance: Literal["param_mix", "param_first", "param_second"] = "param_mix"
-    """Sensitivity I_t: |WG - (WG)^2/2|, |WG| or (WG)^2 (method doc 3.3)."""
+    """Sensitivity I_t: |WG - (WG)^2/2|, |WG| or (WG)^2 (docs/method.md 3.3)."""
 
     beta1: float = 0.85
     """EMA factor of the sensitivity average I-bar."""
@@ -65,22 +65,22 @@ class LosiaConfig:
 
     lm_head_rows: float = 0.0
     """p_out: when > 0 the output head is subnet-trained on floor(p_out*V) vocabulary rows and all
-    hidden columns, as slot 0 (decoder layers shift by one, method doc 3.6)."""
+    hidden columns, as slot 0 (decoder layers shift by one, docs/method.md 3.6)."""
 
     slot_pattern: str | None = None
     """null: a target's decoder-layer index is the index of the decoder block it sits in; else a regex whose
     first group, searched in a module's qualified name, is that index."""
 
     compat_reference_schedule: bool = False
-    """Reproduce the reference's rewarm formula, including the LR jump at the end of a rewarm (doc 5.4)."""
+    """Reproduce the reference's rewarm formula, including the LR jump at the end of a rewarm (docs/method.md 5.4)."""
 
     compat_keep_step_counter: bool = False
     """At a re-localization keep the optimizer's step counter (only zero the moments), as the reference
-    does; this switches Adam's bias correction off after the first reset (doc 5.3)."""
+    does; this switches Adam's bias correction off after the first reset (docs/method.md 5.3)."""
 
     compat_eps: bool = False
     """Give the subnet groups the reference's AdamW eps: 1e-6 added to sqrt(v) before the bias
-    correction (HF style; torch adds eps after it), doc 5.2. Weight decay still comes before the update
+    correction (HF style; torch adds eps after it), docs/method.md 5.2. Weight decay still comes before the update
     (torch) rather than after (reference); the reference scripts use none."""
 
     fp32_sub: bool = True

@@ -1,4 +1,4 @@
-"""Importance scores for subnet localization (method doc 3.3).
+"""Importance scores for subnet localization (docs/method.md 3.3).
 
 Per matrix and per optimizer step of its scoring slot: I_t from the step's full weight gradient and the
 weight the step's forward used; AdaLoRA-style EMAs starting at zero, no bias correction; at the end of

@@ -1,4 +1,4 @@
-"""`SubnetLinear`: a linear layer whose weight trains only on the block W[R, C] (method doc 12).
+"""`SubnetLinear`: a linear layer whose weight trains only on the block W[R, C] (docs/method.md 12).
 
 The original weight stays the (now frozen) parameter `weight`, so the model's state dict keeps its keys
 and `export` only has to unwrap. The trainable block is `sub` (|R| x |C|, fp32 master copy by default);

@@ -1,4 +1,4 @@
-"""LoSiA / LoSiA-Pro behind the `Method` interface (method doc 12).
+"""LoSiA / LoSiA-Pro behind the `Method` interface (docs/method.md 12).
 
 Engine call order, per optimizer step `step` (= updates already taken):
     lr_factors(step, n) -> forward/backward of each micro-batch -> optimizer.step() -> on_step(step, opt)
@@ -137,7 +137,7 @@ class LosiaMethod(Method):
                 f"{unplaced[:3]} {where}; set method.slot_pattern to a regex whose first group is the "
                 "layer number (e.g. 'h\\.(\\d+)\\.' for GPT-2)"
             )
-        # lm_head is slot 0 and decoder layers follow in index order (doc 3.6); layers without a target
+        # lm_head is slot 0 and decoder layers follow in index order (docs/method.md 3.6); layers without a target
         # get no slot, so no time slot idles.
         slot_of = {layer: slot for slot, layer in enumerate(sorted(set(layers.values())))}
 
@@ -179,7 +179,7 @@ class LosiaMethod(Method):
     @classmethod
     def sized_config(cls, name: str, rank: int, *, rank_factor: float | None = None, period: int | None = None,
                      **options) -> LosiaConfig:
-        """Parameter parity with LoRA-`rank` (method doc 3.2) unless a rank factor p is given."""
+        """Parameter parity with LoRA-`rank` (docs/method.md 3.2) unless a rank factor p is given."""
         extra = {"rank_factor": rank_factor} if rank_factor is not None else {"lora_rank": rank}
         if period is not None:
             extra["period"] = period
@@ -270,7 +270,7 @@ class LosiaMethod(Method):
                 if "norm" in type(module).__name__.lower()
                 for param in module.parameters(recurse=False)
             ]
-        else:  # "all": the reference trains every other parameter densely (doc 3.1)
+        else:  # "all": the reference trains every other parameter densely (docs/method.md 3.1)
             candidates = list(model.parameters())
         unique = {id(param): param for param in candidates if id(param) not in subnet_tensors}
         return list(unique.values())
@@ -436,7 +436,8 @@ class LosiaMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         if len(state["restarts"]) != len(self.slots):
             saved = len(state["restarts"])
-            raise ValueError(f"checkpoint has {saved} LoSiA slots, the model {len(self.slots)}")
+            raise ConfigError(f"run.resume: the checkpoint has {saved} LoSiA slots, this model and method config "
+                              f"{len(self.slots)}")
         self.next_step = state["next_step"]
         self.restarts = list(state["restarts"])
         for t in self.targets:  # scoring restarts from zero EMAs, then takes the saved ones
@@ -445,7 +446,7 @@ class LosiaMethod(Method):
         self._set_scoring(self.next_step)
         active = {t.name: t.module.scorer for t in self.targets if t.module.scorer is not None}
         if set(active) != set(state["scorers"]):
-            raise ValueError("checkpoint's LoSiA scoring layers do not match its step")
+            raise ConfigError("run.resume: the checkpoint's LoSiA scoring layers do not match its step")
         for name, scorer in active.items():
             scorer.load_state_dict(state["scorers"][name])
 

@@ -1,4 +1,4 @@
-"""When each layer scores and re-localizes, and the LR multiplier of its param group (method doc 4, 5.4).
+"""When each layer scores and re-localizes, and the LR multiplier of its param group (docs/method.md 4, 5.4).
 
 `step` everywhere is the number of optimizer updates already taken (0-based index of the current update),
 the convention of `Method.lr_factors` and `Method.on_step`.
@@ -45,7 +45,7 @@ class Rewarm:
 
     `restart` is t_r, the update count at which the group's block last moved (None: never). The ramp
     min(1, (t - t_r)/T_w) is 0 on the first update with a new block and reaches the cosine curve itself
-    after T_w updates. With `compat_reference` the reference's formula is used instead (doc 5.4): the ramp
+    after T_w updates. With `compat_reference` the reference's formula is used instead (docs/method.md 5.4): the ramp
     aims at c(t_r/(N-W)) and the LR jumps up to the cosine when it ends.
     """
 

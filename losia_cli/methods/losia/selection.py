@@ -1,4 +1,4 @@
-"""Choosing the block rows R and columns C (method doc 3.4 and 3.5).
+"""Choosing the block rows R and columns C (docs/method.md 3.4 and 3.5).
 
 All index sets come back sorted ascending and unique: the autograd function relies on it (|C| = n means
 C = 0..n-1), and sorted gathers read memory in order. Ties are broken towards the lower index by a stable

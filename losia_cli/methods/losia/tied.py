@@ -1,4 +1,4 @@
-"""A subnet-trained output head tied to the input embedding (Gemma, SmolLM2, ...; method doc 3.1, 3.6).
+"""A subnet-trained output head tied to the input embedding (Gemma, SmolLM2, ...; docs/method.md 3.1, 3.6).
 
 The head's W is also the embedding table, so its true gradient is the head path's plus the embedding
 path's. The head wrapper sees only the first; this forward hook on the embedding adds the second: to
