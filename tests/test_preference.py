@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from losia_cli.errors import ConfigError
-from losia_cli.data import DataConfig, DataError, build_dataset, make_collator, render_samples
-from losia_cli.engine.loop import train
+from losia_cli.data import DataConfig, build_dataset, make_collator, render_samples
+from losia_cli.errors import DataError
+from losia_cli.workflow import train
 
 from losia_cli.engine import preference
 from losia_cli.engine.preference import dpo_loss, sequence_logps

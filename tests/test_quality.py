@@ -40,7 +40,7 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_items_and_seeds():
 def _fake_runs(monkeypatch, val_score, test_score):
     """train/load_target/run_eval stand-ins: training only writes report.json (and the validation
     results when asked); scores come from `val_score(lr)` and `test_score(lr)`."""
-    import losia_cli.engine.loop
+    import losia_cli.workflow
     import losia_cli.eval.command
 
     trained, tested = [], []
@@ -68,7 +68,7 @@ def _fake_runs(monkeypatch, val_score, test_score):
         return {"tasks": {t.partition("@")[0]: {"metrics": {"acc": score}, "n": 4, "samples": samples} for t in cfg.tasks},
                 "general_text_loss": {"loss": 2.0 if lr is None else 2.1, "tokens": 100}}
 
-    monkeypatch.setattr(losia_cli.engine.loop, "train", train)
+    monkeypatch.setattr(losia_cli.workflow, "train", train)
     monkeypatch.setattr(losia_cli.eval.command, "run_eval", run_eval)
     monkeypatch.setattr(losia_cli.eval.command, "load_target", lambda path: (Path(path), None, {}, None))
     return trained, tested

@@ -30,7 +30,7 @@ TEMPLATE = {name: template for name, (template, _) in TASKS.items()}
 GRIDS = {"losia_pro": [5e-4, 1e-3, 2e-3], "losia": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3],
          "dora": [5e-4, 1e-3, 2e-3], "pissa": [2e-4, 5e-4, 1e-3], "galore": [2e-4, 5e-4, 1e-3],
          "full": [1e-5, 2e-5, 5e-5]}
-# LoSiA at LoRA-8's trainable-parameter count; the adapters at rank 8; GaLore at rank 8 (method doc 3.2).
+# LoSiA at LoRA-8's trainable-parameter count; the adapters at rank 8; GaLore at rank 8 (docs/method.md 3.2).
 PARITY = {"losia_pro": ["method.lora_rank=8"], "losia": ["method.lora_rank=8"], "lora": ["method.rank=8"],
           "dora": ["method.rank=8"], "pissa": ["method.rank=8"], "galore": [], "full": []}
 MODES = {
