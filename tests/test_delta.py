@@ -122,3 +122,29 @@ def test_exact_lora_extraction_loads_in_peft_and_replies_as_the_merged_model(pro
     # stay within 128 * eps of their own magnitude (measured: ~1e-6 relative).
     tolerance = 128 * torch.finfo(torch.float32).eps * want.abs().max()
     assert (got - want).abs().max() <= tolerance
+
+
+def test_run_final_both_and_delta_only(tiny_config, tiny_llama_dir, capsys):
+    """run.final=both: final/ holds the weights and their delta (dense: full fine-tuning changes every
+    weight); with the weights removed (run.final=delta's final/), merge/chat/eval load base + delta."""
+    from losia_cli.models import load_run_model
+
+    run_dir = train(tiny_config("both", "method=full", "train.max_steps=2", "run.final=both"))
+    final = run_dir / "final"
+    full = parameters(_load(final))
+    via_delta = parameters(apply_delta(_load(tiny_llama_dir), final))
+    assert all(torch.equal(via_delta[k], v) for k, v in full.items())
+    (final / "model.safetensors").unlink()
+    loaded = parameters(load_run_model(run_dir)[0])
+    assert all(torch.equal(loaded[k], v) for k, v in full.items())
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "delta"]) == 2  # final/ is a delta already
+    assert "holds a delta already" in capsys.readouterr().err
+
+
+def test_export_cli_prints_size_and_share_and_takes_bf16(pro_run, tmp_path, capsys):
+    assert main(["export", str(pro_run), "--format", "delta", "--dtype", "bf16", "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((tmp_path / "d" / CONFIG).read_text())
+    assert config["dtype"] == "bf16" and not config["exact"] and config["base"]["dtype"] == "fp32"
+    assert f"{config['changed_params']:,} of {config['total_params']:,}" in printed.replace("\n", " ")
