@@ -244,9 +244,14 @@ def _run_base(run_dir: Path):
 
     from losia_cli.config import ModelConfig, format_validation_error
     from losia_cli.errors import RunFileError
+    from losia_cli.methods import exports_adapter
     from losia_cli.models import load_model, resolve_model_path, run_config
 
     config = run_config(run_dir)
+    method = config["method"]["name"]
+    if exports_adapter(method):
+        raise DeltaError(f"{run_dir}: a {method} run ships an adapter already (final/); deltas and LoRA "
+                         "extraction are for methods that change the base weights")
     try:
         cfg = ModelConfig.model_validate(config.get("model"))
     except ValidationError as e:
@@ -260,16 +265,12 @@ def base_identity(cfg) -> dict:
 
 def export_delta(run_dir: Path, out: Path, *, dtype: str | None = None, force: bool = False) -> dict:
     """`losia export RUN --format delta`: the delta of a finished run against its base, in `out`."""
-    from losia_cli.methods import exports_adapter
     from losia_cli.models import DTYPES, load_plain
 
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out, force)
     base_model, cfg, config = _run_base(run_dir)
     method = config["method"]["name"]
-    if exports_adapter(method):
-        raise DeltaError(f"{run_dir}: a {method} run already ships an adapter (final/); a delta is for methods "
-                         "that change the base weights")
     final = run_dir / "final"
     if (final / CONFIG).is_file() and not has_weights(final):  # run.final=delta: it is there already
         raise DeltaError(f"{final} holds a delta already ({CONFIG}); copy that dir")
@@ -286,11 +287,11 @@ def write_final(run_dir: Path, final_model, out_dir: Path, *, keep_full: bool) -
     """run.final=delta/both: the run's delta into final/ (being built in `out_dir`), the full weights
     removed for `delta`. Adapter methods' final/ is their adapter already: left as it is."""
     from losia_cli.methods import exports_adapter
-    from losia_cli.models import DTYPES
+    from losia_cli.models import DTYPES, run_config
 
-    base_model, cfg, config = _run_base(run_dir)
-    if exports_adapter(config["method"]["name"]):
+    if exports_adapter(run_config(run_dir)["method"]["name"]):
         return
+    base_model, cfg, config = _run_base(run_dir)
     write(base_model, final_model, out_dir, blocks=trained_blocks(run_dir), base=base_identity(cfg),
           method=config["method"]["name"], values_dtype=DTYPES[cfg.dtype], train_dtype=DTYPES[cfg.dtype])
     if not keep_full:

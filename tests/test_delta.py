@@ -122,6 +122,17 @@ def test_exact_lora_extraction_loads_in_peft_and_replies_as_the_merged_model(pro
     # stay within 128 * eps of their own magnitude (measured: ~1e-6 relative).
     tolerance = 128 * torch.finfo(torch.float32).eps * want.abs().max()
     assert (got - want).abs().max() <= tolerance
+    low = export_lora(pro_run, tmp_path / "r1", rank=1)["matrices"]
+    assert {m["rank"] for m in low.values()} == {1} and all(0 < m["relative_frobenius_error"] < 1 for m in low.values())
+    energy = export_lora(pro_run, tmp_path / "e", energy=0.5)["matrices"]
+    assert all(m["rank"] <= report["matrices"][k]["rank"] for k, m in energy.items())
+
+
+def test_adapter_runs_are_refused(tiny_config, capsys):
+    run_dir = train(tiny_config("lora", "method=lora", "train.max_steps=1"))
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--format", "lora"]) == 2
+    assert "ships an adapter already" in capsys.readouterr().err
 
 
 def test_run_final_both_and_delta_only(tiny_config, tiny_llama_dir, capsys):
