@@ -46,6 +46,14 @@ def test_base_plus_delta_is_final_bit_for_bit(pro_run, pro_delta, tiny_llama_dir
         assert torch.equal(value, final[name]), name
 
 
+def test_a_delta_dir_is_a_target_for_chat_eval_and_gguf(pro_run, pro_delta):
+    from losia_cli.eval.command import load_target
+
+    model = load_target(str(pro_delta))[0]
+    final = parameters(_load(pro_run / "final"))
+    assert all(torch.equal(v, final[k]) for k, v in parameters(model).items())
+
+
 def test_blocks_cost_at_most_a_quarter_more_than_their_values(pro_run, pro_delta, tiny_llama_dir):
     blocks = trained_blocks(pro_run)
     assert min(len({json.dumps(b) for b in v}) for v in blocks.values()) >= 3  # several re-localizations

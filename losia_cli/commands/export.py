@@ -17,7 +17,7 @@ examples:
   losia export runs/demo --format lora --rank 16        # -> runs/demo/lora-r16 (PEFT adapter)
 llama (SmolLM2, Llama-2, Llama-3), mistral, qwen2, qwen3 and gemma models with a byte-level BPE or
 sentencepiece tokenizer; writes FILE (its folder created) and STEM.README.md beside it.
-A delta target may also be a delta dir (its base is loaded and the delta applied).
+--format gguf also takes a delta dir: the base its config names, with the delta applied.
 """
 
 
