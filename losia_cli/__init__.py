@@ -1,3 +1,10 @@
 """losia: fine-tune LLMs with LoSiA / LoSiA-Pro from YAML recipes."""
 
 __version__ = "0.1.0"
+
+
+def apply_delta(model, path):
+    """Apply a `losia export --format delta` dir to its base model in place (see losia_cli.delta)."""
+    from losia_cli.delta import apply_delta
+
+    return apply_delta(model, path)

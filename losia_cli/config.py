@@ -158,6 +158,10 @@ class RunSection(Section):
     """metrics.jsonl also goes to these."""
     wandb_project: str = "losia"
     """Weights & Biases project when loggers has wandb."""
+    final: Literal["full", "delta", "both"] = "full"
+    """What final/ holds for a method that changes base weights (losia, losia_pro, galore, full): the
+    full weights, only the changed ones (delta.safetensors + delta_config.json, loaded onto the base
+    by merge/chat/eval/export), or both. Adapter methods always write their adapter."""
 
     @field_validator("name")
     @classmethod

@@ -21,14 +21,38 @@ from losia_cli.models import DTYPES, load_plain, load_run_model, probe_tokens, r
 
 
 def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5GB", force: bool = False) -> dict:
-    from losia_cli.provenance import versions
-
     run_dir, out = Path(run_dir), Path(out)
+    _check_out(out, force)
+    model, tokenizer, reference = load_run_model(run_dir)
+    source = {"source_run": str(run_dir.resolve()), "method": run_config(run_dir)["method"]["name"]}
+    return publish(model, tokenizer, out, source, run_dir, dtype=dtype, shard_size=shard_size, force=force,
+                   reference=reference)
+
+
+def merge_delta(delta: Path, base: str, out: Path, *, dtype: str = "fp32", shard_size: str = "5GB",
+                force: bool = False) -> dict:
+    """`losia merge --delta PATH --base BASE`: the base with the delta applied (refused before any write)."""
+    from losia_cli.delta import load_with_delta, read_config
+
+    out = Path(out)
+    _check_out(out, force)
+    model, tokenizer = load_with_delta(Path(delta), base)
+    source = {"source_delta": str(Path(delta).resolve()), "base": base, "method": read_config(delta)["method"]}
+    return publish(model, tokenizer, out, source, None, dtype=dtype, shard_size=shard_size, force=force)
+
+
+def _check_out(out: Path, force: bool) -> None:
     if reason := atomic.foreign(out):  # first: --force would not help
         raise MergeError(f"--out: {reason}; not replacing it, choose another --out")
     if out.exists() and not force:
         raise MergeError(f"{out} already exists; pass --force to replace it")
-    model, tokenizer, reference = load_run_model(run_dir)
+
+
+def publish(model, tokenizer, out: Path, source: dict, run_dir: Path | None, *, dtype: str, shard_size: str,
+            force: bool, reference: torch.Tensor | None = None) -> dict:
+    """Write `model` as a plain HF dir at `out` in `dtype`, reloaded and compared before it is renamed in."""
+    from losia_cli.provenance import versions
+
     # Cast the weights only: buffers such as rotary `inv_freq` stay fp32, as from_pretrained keeps them.
     for param in model.parameters():
         param.data = param.data.to(DTYPES[dtype])
@@ -49,10 +73,8 @@ def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5
         with torch.no_grad():
             if not torch.equal(reloaded(tokens).logits, logits):
                 raise MergeError("verification failed: the reloaded model's logits differ")
-        method = run_config(run_dir)["method"]["name"]
         manifest = {
-            "source_run": str(run_dir.resolve()),
-            "method": method,
+            **source,
             "dtype": dtype,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),

@@ -216,6 +216,10 @@ def load_run_model(run_dir: Path):
         read_json(final / name)
     tokenizer = load_tokenizer(str(final))
     if not adapter:
+        from losia_cli.delta import CONFIG, has_weights, load_with_delta
+
+        if (final / CONFIG).is_file() and not has_weights(final):  # run.final=delta: base + delta
+            return load_with_delta(final, dtype="fp32")[0], tokenizer, None
         return load_plain(final), tokenizer, None
 
     from peft import PeftModel

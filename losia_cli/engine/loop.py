@@ -414,6 +414,10 @@ def finish(run: Run) -> Trained:
     with atomic.directory(run.run_dir / "final", overwrite=True) as tmp:
         method.save(final, tmp, full_state)
         run.tokenizer.save_pretrained(tmp)
+        if cfg.run.final != "full":
+            from losia_cli.delta import write_final
+
+            write_final(run.run_dir, final, tmp, keep_full=cfg.run.final == "both")
     report = _report(run, in_sync)
     run.records.write_report(report)
     run.records.close()

@@ -50,12 +50,20 @@ def load_target(target: str):
     if marker.exists() or marker.is_symlink():  # a run dir (load_run_model names a damaged config.yaml or final/)
         model, tokenizer, _ = load_run_model(path)  # folds PEFT adapters; LoSiA/full load as is
         return model.to(best_device()), tokenizer, {"run_dir": str(path.resolve())}, path / "eval"
-    cfg = ModelConfig(name_or_path=target)
-    resolved = resolve_model_path(cfg)
-    tokenizer = load_tokenizer(resolved)
-    model = load_model(cfg, resolved).to(best_device())
+    if (path / "delta_config.json").is_file():  # a delta dir: the base it names with the delta applied
+        from losia_cli.delta import load_with_delta
+
+        model, tokenizer = load_with_delta(path)
+        identity = {"name_or_path": str(path)}
+    else:
+        cfg = ModelConfig(name_or_path=target)
+        resolved = resolve_model_path(cfg)
+        tokenizer = load_tokenizer(resolved)
+        model = load_model(cfg, resolved)
+        identity = {"name_or_path": target}
+    model = model.to(best_device())
     slug = target.rstrip("/").replace("/", "_").replace(":", "_")
-    return model, tokenizer, {"name_or_path": target}, Path("runs") / f"eval-{slug}-{timestamp()}" / "eval"
+    return model, tokenizer, identity, Path("runs") / f"eval-{slug}-{timestamp()}" / "eval"
 
 
 def run_eval(model, tokenizer, cfg: EvalConfig, out_dir: Path, identity: dict, console: Console,
