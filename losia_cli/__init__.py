@@ -1,3 +1,12 @@
 """losia: fine-tune LLMs with LoSiA / LoSiA-Pro from YAML recipes."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The Python API (api.py: `losia_cli.prepare`), imported on first use: `losia --help` stays torch-free."""
+    if name in ("prepare", "Tuned"):
+        from losia_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'losia_cli' has no attribute {name!r}")
