@@ -8,3 +8,12 @@ def apply_delta(model, path):
     from losia_cli.delta import apply_delta
 
     return apply_delta(model, path)
+
+
+def __getattr__(name: str):
+    """The Python API (api.py: `losia_cli.prepare`), imported on first use: `losia --help` stays torch-free."""
+    if name in ("prepare", "Tuned"):
+        from losia_cli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'losia_cli' has no attribute {name!r}")

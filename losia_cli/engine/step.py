@@ -40,6 +40,14 @@ def build_optimizer(method: Method, lr: float, weight_decay: float, betas=(0.9, 
     return method.make_optimizer(groups, lr, betas, eps) if groups else None
 
 
+def scheduled_lrs(method: Method, optimizer: torch.optim.Optimizer, step: int) -> list[float]:
+    """Each param group's LR for the update after `step` completed steps: its `base_lr` times the
+    method's factor (warmup + cosine; LoSiA's per-slot rewarm). The engine and the Python API's
+    scheduler (losia_cli/api.py) both set LRs from here."""
+    factors = method.lr_factors(step, len(optimizer.param_groups))
+    return [group["base_lr"] * factor for group, factor in zip(optimizer.param_groups, factors)]
+
+
 @dataclass
 class StepDriver:
     """Takes the optimizer steps of `model` trained by `method` (see the module doc)."""
@@ -72,9 +80,8 @@ class StepDriver:
     def set_lrs(self, step: int) -> None:
         if self.optimizer is None:
             return
-        factors = self.method.lr_factors(step, len(self.optimizer.param_groups))
-        for group, factor in zip(self.optimizer.param_groups, factors):
-            group["lr"] = group["base_lr"] * factor
+        for group, lr in zip(self.optimizer.param_groups, scheduled_lrs(self.method, self.optimizer, step)):
+            group["lr"] = lr
 
     def forward_backward(self, batches: Iterable[dict], scale) -> torch.Tensor:
         """The summed token loss of `batches` (detached); each micro-batch's gradient is that of its
