@@ -1,6 +1,6 @@
 """losia: fine-tune LLMs with LoSiA / LoSiA-Pro from YAML recipes."""
 
-__version__ = "0.1.0"
+from losia_cli.provenance import __version__  # noqa: F401  (the one place it is written)
 
 
 def apply_delta(model, path):

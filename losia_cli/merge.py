@@ -17,7 +17,8 @@ from losia_cli import atomic
 from losia_cli.provenance import tensor_sha256 as _sha256  # a name tests can patch
 from losia_cli.errors import MergeError
 from losia_cli.model_card import write_model_card
-from losia_cli.models import DTYPES, load_plain, load_run_model, probe_tokens, run_config
+from losia_cli.models import DTYPES, load_plain, probe_tokens, run_config
+from losia_cli.runmodel import load_run_model
 
 
 def merge(run_dir: Path, out: Path, *, dtype: str = "fp32", shard_size: str = "5GB", force: bool = False) -> dict:

@@ -14,7 +14,9 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-from losia_cli import __version__
+
+
+__version__ = "0.1.0"  # losia_cli.__version__; here so that provenance stays a leaf
 
 
 def versions() -> dict:

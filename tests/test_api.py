@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 import losia_cli
-from losia_cli.config import ConfigError
+from losia_cli.errors import ConfigError
 from losia_cli.engine.loop import _micro_batch, train
 from losia_cli.engine.step import token_loss_sum
 from losia_cli.models import load_model, load_tokenizer, resolve_model_path
@@ -57,7 +57,7 @@ def test_plain_loop_matches_losia_train_bit_for_bit(tiny_config, method, options
         pytest.importorskip("galore_torch")
     overrides = [f"method.{key}={value}" for key, value in options.items()]
     cfg = tiny_config(method, f"method={method}", *overrides, "train.warmup_ratio=0.25", "train.lr=3e-3")
-    run_dir = train(cfg)
+    run_dir = train(cfg).run_dir
     tuned = plain_loop(cfg, method, **options)
     if method == "lora":
         from peft import get_peft_model_state_dict

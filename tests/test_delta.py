@@ -146,7 +146,7 @@ def test_adapter_runs_are_refused(tiny_config, capsys):
 def test_run_final_both_and_delta_only(tiny_config, tiny_llama_dir, capsys):
     """run.final=both: final/ holds the weights and their delta (dense: full fine-tuning changes every
     weight); with the weights removed (run.final=delta's final/), merge/chat/eval load base + delta."""
-    from losia_cli.models import load_run_model
+    from losia_cli.runmodel import load_run_model
 
     run_dir = train(tiny_config("both", "method=full", "train.max_steps=2", "run.final=both"))
     final = run_dir / "final"

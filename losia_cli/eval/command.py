@@ -42,7 +42,8 @@ def load_rows(spec: str, limit: int | None) -> tuple[str, list[dict]]:
 
 def load_target(target: str):
     """(model, tokenizer, identity, default output dir) for a run dir, model dir, .gguf or hub id."""
-    from losia_cli.models import best_device, load_model, load_run_model, load_tokenizer, resolve_model_path
+    from losia_cli.models import best_device, load_model, load_tokenizer, resolve_model_path
+    from losia_cli.runmodel import load_run_model
     from losia_cli.provenance import timestamp
 
     path = Path(target)
