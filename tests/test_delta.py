@@ -19,16 +19,16 @@ def _load(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-@pytest.fixture(scope="module")
-def pro_run(tmp_path_factory, tiny_llama_dir):
-    """A LoSiA-Pro run that re-localizes often (several blocks per matrix)."""
+@pytest.fixture(scope="module", params=["losia_pro", "losia"])
+def pro_run(request, tmp_path_factory, tiny_llama_dir):
+    """A LoSiA-Pro (then a plain LoSiA) run that re-localizes often (several blocks per matrix)."""
     from losia_cli.compose import load_config
 
     out = tmp_path_factory.mktemp("runs")
     return train(load_config([
         f"model.name_or_path={tiny_llama_dir}", "data.max_length=64", "train.micro_batch_size=4",
         "train.max_steps=8", "train.warmup_ratio=0", f"run.output_dir={out}", "run.name=pro",
-        "method=losia_pro", "method.period=1", "method.rank_factor=0.25",
+        f"method={request.param}", "method.period=1", "method.rank_factor=0.25",
     ]))
 
 

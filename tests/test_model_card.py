@@ -28,3 +28,25 @@ def test_final_and_merged_cards(tiny_config, tmp_path, monkeypatch):
     merged = (tmp_path / "merged" / "README.md").read_text()
     assert _front_matter(merged)["library_name"] == "transformers" and "lora" in _front_matter(merged)["tags"]
     assert "**dtype**: fp32" in merged and "| boolq |" in merged
+
+
+def test_eval_and_the_card_are_written_while_the_run_dir_is_locked(tiny_config, monkeypatch):
+    # The command layer's writes into the run dir (eval/, final/README.md) come before the engine lets go
+    # of the run dir: a second `losia train` of the same run.name in between would be refused, not clear it.
+    import pytest
+
+    from losia_cli import workflow
+    from losia_cli.engine.rundir import RunLock
+    from losia_cli.errors import ConfigError
+
+    held = []
+
+    def card(final, run_dir):
+        with pytest.raises(ConfigError, match="is in use by"):
+            RunLock(run_dir)
+        held.append(run_dir)
+
+    monkeypatch.setattr(workflow, "write_model_card", card)
+    run = train(tiny_config("locked", "train.max_steps=1"))
+    assert held == [run]
+    RunLock(run).release()  # and free once train() has returned

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -115,11 +116,16 @@ class Trained:
     tokenizer: object = None
 
 
-def train(cfg: RunConfig, console: Console | None = None) -> Trained:
+def train(cfg: RunConfig, console: Console | None = None, then: Callable[[Trained], None] | None = None) -> Trained:
+    """setup -> run_steps -> finish; then `then(trained)` (the command layer's eval and model card, which
+    write into the run dir) while the run dir is still locked against a second writer."""
     run = setup(cfg, console or Console(soft_wrap=True))
     try:
         run_steps(run)
-        return finish(run)
+        trained = finish(run)
+        if then is not None:
+            then(trained)
+        return trained
     finally:
         if run.lock:
             run.lock.release()
