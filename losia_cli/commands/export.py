@@ -40,8 +40,6 @@ def run(args) -> int:
     if args.format != "gguf":
         return _run_delta(args)
     if args.out is None:
-        from losia_cli.errors import UsageError
-
         raise UsageError("--format gguf needs --out FILE")
     from losia_cli.eval.command import load_target
     from losia_cli.export import export_gguf

@@ -366,7 +366,7 @@ class LosiaMethod(Method):
         score = module.scorer.score()
         k_rows, k_cols = module.sub.shape
         total = float(score.sum())
-        if total == 0:  # nothing reached it while it scored (an idle expert): the block stays
+        if total == 0 and target.expert is not None:  # an expert no token reached while it scored keeps its block
             module.stop_scoring()
             return
         rows, cols, mass = select_block(score, k_rows, k_cols, self.cfg.selection)
@@ -381,7 +381,8 @@ class LosiaMethod(Method):
         overlap = block_overlap(module.rows, module.cols, rows, cols)
         module.move_block(rows, cols)
         module.stop_scoring()  # frees the EMAs
-        self._log(target, step=step + 1, score_mass=mass / total, overlap=overlap, source="score")
+        self._log(target, step=step + 1, score_mass=mass / total if total > 0 else 0.0, overlap=overlap,
+                  source="score")
 
     def _set_scoring(self, step: int) -> None:
         """Put exactly the slots that score during update `step` into scoring mode. A slot whose
